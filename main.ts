@@ -1,0 +1,2281 @@
+/**
+ * dify-openai — any Dify app (chatbot, agent, chatflow, workflow, completion) behind the OpenAI
+ * chat completions API. One file, web-standard APIs only; runs on Deno 2.9 (`deno run main.ts`,
+ * Deno Deploy, a gist URL) and on Bun 1.x (`bun main.ts`).
+ *
+ * The file reads the way a request flows: configuration → request parsing → OpenClaw envelope →
+ * turn building → conversation store → Dify client → event translation → streaming → HTTP routes →
+ * runtime edges → main.
+ */
+
+// ─── Configuration ──────────────────────────────────────────────────────────────────────────────
+
+export type AppType = "chat" | "agent" | "chatflow" | "workflow" | "completion";
+const APP_TYPES: readonly AppType[] = ["chat", "agent", "chatflow", "workflow", "completion"];
+
+/** One Dify app, served as one OpenAI model id. */
+export interface AppConfig {
+  model: string;
+  /** The app's Dify key; absent when clients bring their own (`Bearer app-…`). */
+  key?: string;
+  /** Known type, or undefined to ask Dify's `GET /info` once. */
+  type?: AppType;
+  /** Dify API base for this app, without a trailing slash. */
+  url: string;
+  /** Workflow apps: the input variable that receives the user's text. */
+  input: string;
+  /** Workflow apps: the output variable that holds the answer. */
+  output?: string;
+}
+
+export interface Config {
+  port: number;
+  difyUrl: string;
+  /** Model id → app. With `DIFY_APPS` set, a model must match one of these exactly. */
+  apps: Map<string, AppConfig>;
+  /** Only `DIFY_API_KEY` (or nothing) configured: every model name goes to this app. */
+  catchAll?: AppConfig;
+  proxyKeys: string[];
+  kvPath: string;
+  bodyLimit: number;
+  bodyTimeoutMs: number;
+  maxMessages: number;
+  maxParts: number;
+  conversationMode: "history" | "user" | "off";
+  systemPrompt: "prepend" | "inputs" | "drop";
+  reasoning: "reasoning_content" | "think" | "off";
+  reasoningNodes: boolean;
+  envelope: "clean" | "keep";
+  logContent: boolean;
+  conversationTtlMs: number;
+  keepaliveMs: number;
+  upstreamTimeoutMs: number;
+  upstreamIdleMs: number;
+  maxConcurrentStreams: number;
+  shutdownGraceMs: number;
+  defaultUser: string;
+}
+
+/** A configuration mistake: start-up prints its message as one line and exits. */
+export class ConfigError extends Error {}
+
+type Env = Record<string, string | undefined>;
+
+function choice<T extends string>(env: Env, name: string, options: readonly T[], fallback: T): T {
+  const raw = env[name]?.trim();
+  if (!raw) return fallback;
+  if ((options as readonly string[]).includes(raw)) return raw as T;
+  throw new ConfigError(`${name} must be one of ${options.join(", ")} (got "${raw}")`);
+}
+
+function number(env: Env, name: string, fallback: number, min = 0): number {
+  const raw = env[name]?.trim();
+  if (!raw) return fallback;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || value < min) {
+    throw new ConfigError(`${name} must be a number ≥ ${min} (got "${raw}")`);
+  }
+  return value;
+}
+
+function flag(env: Env, name: string): boolean {
+  return /^(1|true|yes|on)$/i.test(env[name]?.trim() ?? "");
+}
+
+/** Dify's API base: a valid http(s) URL without a trailing slash or `/chat-messages`. */
+export function difyBase(raw: string, name = "DIFY_API_URL"): string {
+  let url: URL;
+  try {
+    url = new URL(raw.trim());
+  } catch {
+    throw new ConfigError(`${name} is not a URL: "${raw}"`);
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") {
+    throw new ConfigError(`${name} must be an http(s) URL (got "${raw}")`);
+  }
+  return url.href.replace(/\/+$/, "").replace(/\/chat-messages$/, "");
+}
+
+function parseApps(raw: string, difyUrl: string): Map<string, AppConfig> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(raw);
+  } catch (e) {
+    throw new ConfigError(`DIFY_APPS is not valid JSON: ${(e as Error).message}`);
+  }
+  if (!isObject(parsed)) throw new ConfigError(`DIFY_APPS must be a JSON object: model id → app`);
+  const apps = new Map<string, AppConfig>();
+  for (const [model, spec] of Object.entries(parsed)) {
+    const where = `DIFY_APPS["${model}"]`;
+    const app: AppConfig = { model, url: difyUrl, input: "query" };
+    if (typeof spec === "string") app.key = spec;
+    else if (isObject(spec)) {
+      if (spec.key !== undefined && typeof spec.key !== "string") {
+        throw new ConfigError(`${where}.key must be a string`);
+      }
+      app.key = spec.key as string | undefined;
+      if (spec.type !== undefined) {
+        if (!APP_TYPES.includes(spec.type as AppType)) {
+          throw new ConfigError(`${where}.type must be one of ${APP_TYPES.join(", ")}`);
+        }
+        app.type = spec.type as AppType;
+      }
+      if (spec.url !== undefined) app.url = difyBase(String(spec.url), `${where}.url`);
+      if (typeof spec.input === "string") app.input = spec.input;
+      if (typeof spec.output === "string") app.output = spec.output;
+    } else throw new ConfigError(`${where} must be a key string or {"key", "type"?, "url"?}`);
+    apps.set(model, app);
+  }
+  return apps;
+}
+
+/** Builds the configuration from the environment; throws ConfigError with a one-line message. */
+export function loadConfig(env: Env): Config {
+  const difyUrl = difyBase(env.DIFY_API_URL?.trim() || "https://api.dify.ai/v1");
+  const defaultModel = env.DIFY_MODEL?.trim() || "dify";
+  const defaultKey = env.DIFY_API_KEY?.trim() || undefined;
+  const apps = env.DIFY_APPS?.trim() ? parseApps(env.DIFY_APPS, difyUrl) : new Map();
+  const defaultApp: AppConfig = { model: defaultModel, key: defaultKey, url: difyUrl, input: "query" };
+  if (apps.size && defaultKey && !apps.has(defaultModel)) apps.set(defaultModel, defaultApp);
+  const seconds = (name: string, fallback: number) => number(env, name, fallback) * 1000;
+  return {
+    port: number(env, "PORT", 8000),
+    difyUrl,
+    apps,
+    catchAll: apps.size ? undefined : defaultApp,
+    proxyKeys: (env.PROXY_API_KEYS ?? "").split(",").map((k) => k.trim()).filter(Boolean),
+    kvPath: env.KV_PATH?.trim() || "./data/dify-openai.kv",
+    bodyLimit: number(env, "MAX_BODY_BYTES", 20 * 1024 * 1024, 1),
+    bodyTimeoutMs: seconds("BODY_TIMEOUT_SECONDS", 30),
+    maxMessages: number(env, "MAX_MESSAGES", 5000, 1),
+    maxParts: number(env, "MAX_CONTENT_PARTS", 1000, 1),
+    conversationMode: choice(env, "CONVERSATION_MODE", ["history", "user", "off"], "history"),
+    systemPrompt: choice(env, "SYSTEM_PROMPT", ["prepend", "inputs", "drop"], "prepend"),
+    reasoning: choice(env, "REASONING", ["reasoning_content", "think", "off"], "reasoning_content"),
+    reasoningNodes: flag(env, "REASONING_NODES"),
+    envelope: choice(env, "ENVELOPE", ["clean", "keep"], "clean"),
+    logContent: flag(env, "LOG_CONTENT"),
+    conversationTtlMs: number(env, "CONVERSATION_TTL", 30, 0) * 86_400_000,
+    keepaliveMs: seconds("KEEPALIVE_SECONDS", 15),
+    upstreamTimeoutMs: seconds("UPSTREAM_TIMEOUT_SECONDS", 120),
+    upstreamIdleMs: seconds("UPSTREAM_IDLE_SECONDS", 300),
+    maxConcurrentStreams: number(env, "MAX_CONCURRENT_STREAMS", 4096, 1),
+    shutdownGraceMs: seconds("SHUTDOWN_GRACE_SECONDS", 10),
+    defaultUser: env.DEFAULT_USER?.trim() || "dify-openai",
+  };
+}
+
+// ─── Errors ─────────────────────────────────────────────────────────────────────────────────────
+
+/** An error the client sees as OpenAI's `{"error": {message, type, param, code}}` with `status`. */
+export class ApiError extends Error {
+  constructor(
+    public status: number,
+    message: string,
+    public type: string,
+    public code: string | null,
+    public param: string | null = null,
+    public headers: Record<string, string> = {},
+  ) {
+    super(message);
+  }
+}
+
+const badRequest = (message: string, param: string | null = null, code = "invalid_request") =>
+  new ApiError(400, message, "invalid_request_error", code, param);
+
+export function errorJson(e: ApiError): string {
+  return JSON.stringify({ error: { message: e.message, type: e.type, param: e.param, code: e.code } });
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+// ─── Request parsing ────────────────────────────────────────────────────────────────────────────
+
+/** A file the user attached, before it reaches Dify. */
+export type InputFile =
+  | { kind: "remote"; url: string; type: DifyFileType }
+  | { kind: "upload"; bytes: Uint8Array; filename: string; mime: string; type: DifyFileType };
+
+export type DifyFileType = "image" | "document" | "audio" | "video" | "custom";
+
+/** One OpenAI message reduced to what the bridge uses: role, text, and attachments. */
+export interface Message {
+  role: "system" | "user" | "assistant" | "tool";
+  text: string;
+  files: InputFile[];
+}
+
+export interface ChatRequest {
+  model: string;
+  messages: Message[];
+  stream: boolean;
+  includeUsage: boolean;
+  user?: string;
+  conversationId?: string;
+  sessionId?: string;
+  inputs: Record<string, unknown>;
+}
+
+const ROLES: Record<string, Message["role"]> = {
+  system: "system",
+  developer: "system",
+  user: "user",
+  assistant: "assistant",
+  tool: "tool",
+  function: "tool",
+};
+
+const FILE_TYPES: [DifyFileType, RegExp][] = [
+  ["image", /\.(png|jpe?g|gif|webp|svg|bmp|heic)$/i],
+  ["document", /\.(txt|md|mdx|markdown|pdf|html?|xlsx?|docx?|csv|eml|msg|pptx?|xml|epub|json|properties)$/i],
+  ["audio", /\.(mp3|m4a|wav|amr|mpga|ogg|flac|aac)$/i],
+  ["video", /\.(mp4|mov|mpeg|mpg|webm|avi|mkv)$/i],
+];
+
+/** Dify's file type for a file name (or a MIME type when the name says nothing). */
+export function difyFileType(filename: string, mime = ""): DifyFileType {
+  for (const [type, pattern] of FILE_TYPES) if (pattern.test(filename)) return type;
+  const major = mime.split("/")[0];
+  if (major === "image" || major === "audio" || major === "video") return major;
+  if (mime === "application/pdf" || major === "text") return "document";
+  return "custom";
+}
+
+const MIME_EXT: Record<string, string> = {
+  "image/png": "png",
+  "image/jpeg": "jpg",
+  "image/gif": "gif",
+  "image/webp": "webp",
+  "application/pdf": "pdf",
+  "text/plain": "txt",
+};
+
+function decodeBase64(data: string, param: string): Uint8Array {
+  try {
+    const bin = atob(data.replace(/\s+/g, ""));
+    const bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return bytes;
+  } catch {
+    throw badRequest("file data is not valid base64", param);
+  }
+}
+
+/** `data:<mime>;base64,<data>` → bytes and MIME type. */
+function parseDataUrl(url: string, param: string): { bytes: Uint8Array; mime: string } {
+  const match = /^data:([^;,]*)(;[^,]*)?,(.*)$/s.exec(url);
+  if (!match || !/;base64/i.test(match[2] ?? "")) {
+    throw badRequest("data: URLs must be base64-encoded (data:<mime>;base64,…)", param);
+  }
+  return { bytes: decodeBase64(match[3], param), mime: match[1] || "application/octet-stream" };
+}
+
+function imageFile(url: unknown, param: string): InputFile {
+  if (typeof url !== "string" || !url) throw badRequest("image_url.url must be a string", param);
+  if (/^https?:\/\//i.test(url)) return { kind: "remote", url, type: "image" };
+  if (url.startsWith("data:")) {
+    const { bytes, mime } = parseDataUrl(url, param);
+    return { kind: "upload", bytes, mime, filename: `image.${MIME_EXT[mime] ?? "png"}`, type: "image" };
+  }
+  throw badRequest("image_url.url must be an http(s) or data: URL", param);
+}
+
+function attachedFile(part: Record<string, unknown>, param: string): InputFile {
+  const spec = isObject(part.file) ? part.file : part;
+  const filename = typeof spec.filename === "string" && spec.filename ? spec.filename : "file";
+  const data = spec.file_data;
+  if (typeof data !== "string" || !data) {
+    if (typeof spec.file_url === "string" && /^https?:\/\//i.test(spec.file_url)) {
+      return { kind: "remote", url: spec.file_url, type: difyFileType(filename) };
+    }
+    throw badRequest("file parts need file_data (base64) and a filename", param);
+  }
+  const { bytes, mime } = data.startsWith("data:")
+    ? parseDataUrl(data, param)
+    : { bytes: decodeBase64(data, param), mime: "" };
+  return {
+    kind: "upload",
+    bytes,
+    mime: mime || "application/octet-stream",
+    filename,
+    type: difyFileType(filename, mime),
+  };
+}
+
+/** Text and files of one message's `content` (a string, null, or an array of parts). */
+function parseContent(content: unknown, param: string, maxParts: number): { text: string; files: InputFile[] } {
+  if (content === null || content === undefined) return { text: "", files: [] };
+  if (typeof content === "string") return { text: content, files: [] };
+  if (!Array.isArray(content)) throw badRequest("content must be a string or an array of parts", param);
+  if (content.length > maxParts) {
+    throw badRequest(`content has ${content.length} parts; the limit is ${maxParts}`, param, "too_many_parts");
+  }
+  const texts: string[] = [];
+  const files: InputFile[] = [];
+  content.forEach((part, i) => {
+    const at = `${param}[${i}]`;
+    if (!isObject(part)) throw badRequest("each content part must be an object", at);
+    switch (part.type) {
+      case "text":
+      case "input_text":
+      case "output_text":
+      case "refusal": {
+        const text = part.text ?? part.refusal;
+        if (typeof text !== "string") throw badRequest("text parts need a string `text`", at);
+        texts.push(text);
+        break;
+      }
+      case "image_url":
+      case "input_image":
+        files.push(imageFile(isObject(part.image_url) ? part.image_url.url : part.image_url, at));
+        break;
+      case "file":
+      case "input_file":
+        files.push(attachedFile(part, at));
+        break;
+      default:
+        throw badRequest(`unsupported content part type ${JSON.stringify(part.type)}`, `${at}.type`);
+    }
+  });
+  return { text: texts.join("\n\n"), files };
+}
+
+/** Assistant tool calls as text, so replayed history keeps what the tools were asked. */
+function toolCallsText(calls: unknown): string {
+  if (!Array.isArray(calls)) return "";
+  return calls.map((c) => {
+    const fn = isObject(c) && isObject(c.function) ? c.function : {};
+    return `[called tool ${String(fn.name ?? "?")}(${String(fn.arguments ?? "")})]`;
+  }).join("\n");
+}
+
+function optionalString(body: Record<string, unknown>, name: string): string | undefined {
+  const v = body[name];
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== "string") throw badRequest(`\`${name}\` must be a string`, name);
+  return v;
+}
+
+/** Validates an OpenAI chat completion body; throws ApiError 400 naming the bad field. */
+export function parseChatRequest(
+  body: unknown,
+  headers: Headers,
+  limits: { maxMessages: number; maxParts: number },
+): ChatRequest {
+  if (!isObject(body)) throw badRequest("the request body must be a JSON object");
+  const model = body.model;
+  if (typeof model !== "string" || !model.trim()) throw badRequest("`model` must be a non-empty string", "model");
+  if (!Array.isArray(body.messages) || body.messages.length === 0) {
+    throw badRequest("`messages` must be a non-empty array", "messages");
+  }
+  if (body.messages.length > limits.maxMessages) {
+    throw badRequest(`too many messages (${body.messages.length}; the limit is ${limits.maxMessages})`, "messages");
+  }
+  if (body.stream !== undefined && body.stream !== null && typeof body.stream !== "boolean") {
+    throw badRequest("`stream` must be a boolean", "stream");
+  }
+  if (body.n !== undefined && body.n !== null && body.n !== 1) {
+    throw badRequest("only n=1 is supported: a Dify app gives one answer per request", "n");
+  }
+  const streamOptions = body.stream_options;
+  if (streamOptions !== undefined && streamOptions !== null && !isObject(streamOptions)) {
+    throw badRequest("`stream_options` must be an object", "stream_options");
+  }
+  const messages = body.messages.map((m, i): Message => {
+    const param = `messages[${i}]`;
+    if (!isObject(m)) throw badRequest("each message must be an object", param);
+    const role = typeof m.role === "string" ? ROLES[m.role] : undefined;
+    if (!role) throw badRequest(`unknown role ${JSON.stringify(m.role)}`, `${param}.role`);
+    const { text, files } = parseContent(m.content, `${param}.content`, limits.maxParts);
+    if (role === "assistant" && m.tool_calls !== undefined) {
+      return { role, text: [text, toolCallsText(m.tool_calls)].filter(Boolean).join("\n"), files };
+    }
+    return { role, text, files };
+  });
+  if (!messages.some((m) => m.role === "user")) throw badRequest("`messages` has no user message", "messages");
+  const metadata = isObject(body.metadata) ? body.metadata : {};
+  const inputs = body.inputs;
+  if (inputs !== undefined && inputs !== null && !isObject(inputs)) {
+    throw badRequest("`inputs` must be an object of Dify input variables", "inputs");
+  }
+  const sessionId = headers.get("x-session-id") ?? optionalString(body, "prompt_cache_key") ??
+    headers.get("x-openwebui-chat-id") ?? (typeof metadata.chat_id === "string" ? metadata.chat_id : undefined);
+  return {
+    model,
+    messages,
+    stream: body.stream === true,
+    includeUsage: isObject(streamOptions) && streamOptions.include_usage === true,
+    user: optionalString(body, "user") || undefined,
+    conversationId: optionalString(body, "conversation_id") || headers.get("x-dify-conversation-id") || undefined,
+    sessionId: sessionId || undefined,
+    inputs: (inputs as Record<string, unknown> | undefined) ?? {},
+  };
+}
+
+// ─── OpenClaw envelope ──────────────────────────────────────────────────────────────────────────
+// OpenClaw wraps each user message in metadata meant for its own agent prompt. Dify should see
+// only what the person typed, and its logs should name the person who typed it.
+
+const INTERNAL_CONTEXT = /^\s*<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>[\s\S]*<<<END_OPENCLAW_INTERNAL_CONTEXT>>>\s*$/;
+/** `[Tue 2026-11-24 08:11 UTC] `, `[Wed 2026-04-15 15:56 GMT+1] `, `[Discord alice … 06:00 UTC] `. */
+const ENVELOPE_TIMESTAMP = /^\[[^\]\n]*\b\d{4}-\d{2}-\d{2} \d{1,2}:\d{2}\b[^\]\n]*\]\s*/;
+/** `<Label>: ⟦openclaw:ctx⟧` (current) or `<Label> (untrusted metadata):` (older) + a json fence. */
+const ENVELOPE_BLOCK =
+  /(?:^|\n)[ \t]*([A-Z][A-Za-z ]{1,60}?)(?::[ \t]*⟦openclaw:ctx⟧| \(untrusted(?: metadata|, for context)\):)[ \t]*\n```(?:json)?[ \t]*\n([\s\S]*?)\n```[ \t]*(?=\n|$)/g;
+const ENVELOPE_RUNTIME = /(?:^|\n)Runtime: agent=[^\n]*\s*$/;
+
+/** True for OpenClaw's trailing internal-context message: context for its agent, not a question. */
+export function isInternalContext(text: string): boolean {
+  return text.startsWith("<<<BEGIN_OPENCLAW", text.search(/\S/)) && INTERNAL_CONTEXT.test(text);
+}
+
+export interface Envelope {
+  text: string;
+  senderId?: string;
+  channel?: string;
+}
+
+function senderOf(json: string): { id?: string; channel?: string } {
+  try {
+    const data = JSON.parse(json);
+    if (!isObject(data)) return {};
+    const sender = isObject(data.sender) ? data.sender : data;
+    const id = sender.id ?? sender.user_id ?? data.sender_id;
+    const chat = typeof data.chat_id === "string" ? data.chat_id : "";
+    const channel = typeof data.channel === "string"
+      ? data.channel
+      : chat.includes(":")
+      ? chat.slice(0, chat.indexOf(":"))
+      : undefined;
+    return { id: typeof id === "string" || typeof id === "number" ? String(id) : undefined, channel };
+  } catch {
+    return {};
+  }
+}
+
+/** Removes OpenClaw's timestamp, metadata blocks and `Runtime:` line; reports the sender found. */
+export function cleanEnvelope(raw: string): Envelope {
+  if (
+    !raw.includes("openclaw") && !raw.includes("(untrusted") && !raw.includes("Runtime: agent=") &&
+    !ENVELOPE_TIMESTAMP.test(raw)
+  ) return { text: raw };
+  const found: Envelope = { text: "" };
+  let text = raw.replace(ENVELOPE_TIMESTAMP, "");
+  text = text.replace(ENVELOPE_BLOCK, (_all, _label: string, json: string) => {
+    const sender = senderOf(json);
+    found.senderId ??= sender.id;
+    found.channel ??= sender.channel;
+    return "\n";
+  });
+  const runtime = ENVELOPE_RUNTIME.exec(text);
+  if (runtime) {
+    found.channel ??= /\bchannel=([\w-]+)/.exec(runtime[0])?.[1];
+    text = text.slice(0, runtime.index);
+  }
+  found.text = text.trim();
+  return found;
+}
+
+// ─── Turn building ──────────────────────────────────────────────────────────────────────────────
+// OpenAI clients send the whole chat; Dify wants one new query. A turn is the user messages after
+// the last assistant message; everything before it is history Dify may already hold.
+
+export interface Turn {
+  system: string;
+  /** Cleaned messages before the new turn, through the last assistant message (no system). */
+  history: Message[];
+  /** The new turn's messages as the fingerprint sees them (internal context left out). */
+  current: Message[];
+  /** What Dify gets as `query` (envelope cleaned unless ENVELOPE=keep). */
+  query: string;
+  files: InputFile[];
+  /** The Dify user named by the envelope, e.g. `telegram:123456789`. */
+  sender?: string;
+}
+
+export function buildTurn(messages: Message[], envelope: Config["envelope"]): Turn {
+  let lastAssistant = -1;
+  for (let i = messages.length - 1; i >= 0; i--) {
+    if (messages[i].role === "assistant") {
+      lastAssistant = i;
+      break;
+    }
+  }
+  const system: string[] = [];
+  const history: Message[] = [];
+  const current: Message[] = [];
+  const query: string[] = [];
+  const files: InputFile[] = [];
+  let senderId: string | undefined;
+  let channel: string | undefined;
+  messages.forEach((m, i) => {
+    if (m.role === "system") return void system.push(m.text);
+    const internal = m.role === "user" && isInternalContext(m.text);
+    const env = m.role === "user" && !internal ? cleanEnvelope(m.text) : { text: m.text } as Envelope;
+    if (env.senderId) senderId = env.senderId;
+    channel ??= env.channel;
+    const cleaned: Message = { role: m.role, text: env.text, files: m.files };
+    if (i < lastAssistant) return void history.push(cleaned);
+    if (i === lastAssistant) return void history.push(cleaned);
+    if (!internal) current.push(cleaned);
+    files.push(...m.files);
+    if (envelope === "keep") query.push(m.role === "tool" ? `[tool result] ${m.text}` : m.text);
+    else if (!internal && env.text) query.push(m.role === "tool" ? `[tool result] ${env.text}` : env.text);
+  });
+  if (lastAssistant === messages.length - 1) {
+    throw badRequest("the last message must come from the user: there is no new turn to answer", "messages");
+  }
+  const text = query.join("\n\n");
+  if (!text.trim() && !files.length) throw badRequest("the new user turn has no text", "messages");
+  return {
+    system: system.join("\n\n"),
+    history,
+    current,
+    query: text,
+    files,
+    sender: senderId ? `${channel ?? "openclaw"}:${senderId}` : undefined,
+  };
+}
+
+/** History as a compact transcript, for the first query of a conversation Dify has not seen. */
+export function transcript(history: Message[]): string {
+  const label = { user: "User", assistant: "Assistant", tool: "Tool", system: "System" } as const;
+  return history.map((m) => `${label[m.role]}: ${stripThink(m.text).trim()}`).join("\n\n");
+}
+
+/** The `query` for Dify: the new text, preceded on a fresh conversation by system prompt and history. */
+export function difyQuery(turn: Turn, fresh: boolean, systemMode: Config["systemPrompt"]): string {
+  if (!fresh) return turn.query;
+  const parts: string[] = [];
+  if (systemMode === "prepend" && turn.system.trim()) parts.push(turn.system.trim());
+  if (turn.history.length) {
+    parts.push(`Conversation so far:\n\n${transcript(turn.history)}`, `Current message:\n\n${turn.query}`);
+  } else parts.push(turn.query);
+  return parts.join("\n\n");
+}
+
+// ─── Conversation store ─────────────────────────────────────────────────────────────────────────
+// Maps a chat onto the Dify conversation that remembers it. Keys are scoped by the client (a hash
+// of its key) and the app, so two clients or two apps never share a conversation.
+
+type StoreKey = string[];
+
+/** The small persistence interface both runtimes implement (Deno KV, bun:sqlite). */
+export interface Store {
+  get<T>(key: StoreKey): Promise<T | null>;
+  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void>;
+  /** Sets `value` only if the current value deep-equals `expected` (null: absent). */
+  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number): Promise<boolean>;
+  delete(key: StoreKey): Promise<void>;
+  close(): void;
+}
+
+/** Dify remembers a conversation per (conversation id, user): both travel together. */
+export interface Binding {
+  c: string;
+  u: string;
+}
+
+/** A conversation's latest turn: only a request continuing from it may continue the conversation. */
+interface Head {
+  f: string;
+  u: string;
+}
+
+export const storeKeys = {
+  fingerprint: (client: string, app: string, fp: string): StoreKey => ["fp", client, app, fp],
+  head: (client: string, app: string, conversation: string): StoreKey => ["head", client, app, conversation],
+  session: (client: string, app: string, session: string): StoreKey => ["sess", client, app, session],
+  user: (client: string, app: string, user: string): StoreKey => ["user", client, app, user],
+};
+
+function sameValue(a: unknown, b: unknown): boolean {
+  return JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+}
+
+export class DenoKvStore implements Store {
+  constructor(private kv: Deno.Kv) {}
+  async get<T>(key: StoreKey): Promise<T | null> {
+    return (await this.kv.get<T>(key)).value;
+  }
+  async set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
+    await this.kv.set(key, value, ttlMs ? { expireIn: ttlMs } : undefined);
+  }
+  async setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number): Promise<boolean> {
+    const current = await this.kv.get(key);
+    if (!sameValue(current.value, expected)) return false;
+    const result = await this.kv.atomic().check(current).set(key, value, ttlMs ? { expireIn: ttlMs } : undefined)
+      .commit();
+    return result.ok;
+  }
+  async delete(key: StoreKey): Promise<void> {
+    await this.kv.delete(key);
+  }
+  close(): void {
+    this.kv.close();
+  }
+}
+
+/**
+ * Wraps a store so that (1) a value is readable in this process the moment it is written, before
+ * the slow durable write commits — a client may send its next turn the instant it sees [DONE] —
+ * and (2) a failing store degrades to "no conversation found" with one warning per kind of failure.
+ */
+export class ConversationStore {
+  private pending = new Map<string, unknown>();
+  private writes = new Set<Promise<unknown>>();
+  private warned = new Set<string>();
+
+  constructor(private store: Store, private ttlMs: number, private warn: (msg: string) => void) {}
+
+  private failed(op: string, e: unknown): void {
+    const kind = `${op}: ${(e as Error)?.name ?? "Error"}`;
+    if (this.warned.has(kind)) return;
+    this.warned.add(kind);
+    this.warn(
+      `conversation store ${kind}: ${(e as Error)?.message ?? e} (further ${op} failures of this kind are not logged)`,
+    );
+  }
+
+  async get<T>(key: StoreKey): Promise<T | null> {
+    const id = key.join("\u0000");
+    if (this.pending.has(id)) return this.pending.get(id) as T;
+    try {
+      return await this.store.get<T>(key);
+    } catch (e) {
+      this.failed("read", e);
+      return null;
+    }
+  }
+
+  /** Visible at once in this process; durable when the returned promise settles. */
+  write(op: (store: Store) => Promise<unknown>, visible: [StoreKey, unknown][]): Promise<void> {
+    const ids = visible.map(([key, value]) => {
+      const id = key.join("\u0000");
+      this.pending.set(id, value);
+      return [id, value] as const;
+    });
+    const done: Promise<void> = op(this.store).then(() => {}, (e) => this.failed("write", e)).finally(() => {
+      for (const [id, value] of ids) if (this.pending.get(id) === value) this.pending.delete(id);
+      this.writes.delete(done);
+    });
+    this.writes.add(done);
+    return done;
+  }
+
+  set(key: StoreKey, value: unknown): Promise<void> {
+    return this.write((s) => s.set(key, value, this.ttlMs), [[key, value]]);
+  }
+
+  /** Moves a conversation's head from `from` to `to`; false if another turn got there first. */
+  async advance(key: StoreKey, from: Head | null, to: Head): Promise<boolean> {
+    try {
+      return await this.store.setIf(key, from, to, this.ttlMs);
+    } catch (e) {
+      this.failed("write", e);
+      return false;
+    }
+  }
+
+  async delete(key: StoreKey): Promise<void> {
+    this.pending.delete(key.join("\u0000"));
+    try {
+      await this.store.delete(key);
+    } catch (e) {
+      this.failed("delete", e);
+    }
+  }
+
+  /** Waits for every write still in flight (shutdown). */
+  async flush(): Promise<void> {
+    while (this.writes.size) await Promise.all([...this.writes]);
+  }
+}
+
+const THINK_BLOCK = /<think>[\s\S]*?<\/think>\s*/g;
+
+function stripThink(text: string): string {
+  return text.includes("<think>") ? text.replace(THINK_BLOCK, "") : text;
+}
+
+/** How a message looks to the fingerprint: roles and text only, reasoning and spacing normalised. */
+function fingerprintText(text: string): string {
+  return stripThink(text).replace(/\s+/g, " ").trim();
+}
+
+const textEncoder = new TextEncoder();
+
+/**
+ * A stable id for "this chat, up to here": SHA-256 over system prompt and messages (role + text).
+ * The client's echo of our answer must produce the same id as the answer we stored.
+ */
+export async function fingerprint(system: string, messages: { role: string; text: string }[]): Promise<string> {
+  const parts = [fingerprintText(system)];
+  for (const m of messages) parts.push(m.role, fingerprintText(m.text));
+  const digest = await crypto.subtle.digest("SHA-256", textEncoder.encode(parts.join("\u0000")));
+  return btoa(String.fromCharCode(...new Uint8Array(digest))).slice(0, 32);
+}
+
+/** Where a request's conversation came from; decides what is stored after the turn. */
+export interface Resolution {
+  via: "explicit" | "session" | "history" | "user" | "new";
+  conversationId?: string;
+  user: string;
+  /** The head this turn continues (history mode), for the check-and-set after the turn. */
+  head: Head | null;
+}
+
+// ─── Dify client ────────────────────────────────────────────────────────────────────────────────
+
+const DIFY_MODES: Record<string, AppType> = {
+  chat: "chat",
+  "agent-chat": "agent",
+  agent: "agent",
+  "advanced-chat": "chatflow",
+  workflow: "workflow",
+  completion: "completion",
+};
+
+export const difyPaths: Record<AppType, { run: string; stop: (task: string) => string }> = {
+  chat: { run: "/chat-messages", stop: (t) => `/chat-messages/${t}/stop` },
+  agent: { run: "/chat-messages", stop: (t) => `/chat-messages/${t}/stop` },
+  chatflow: { run: "/chat-messages", stop: (t) => `/chat-messages/${t}/stop` },
+  completion: { run: "/completion-messages", stop: (t) => `/completion-messages/${t}/stop` },
+  workflow: { run: "/workflows/run", stop: (t) => `/workflows/tasks/${encodeURIComponent(t)}/stop` },
+};
+
+export interface DifyFile {
+  type: DifyFileType;
+  transfer_method: "remote_url" | "local_file";
+  url?: string;
+  upload_file_id?: string;
+}
+
+/** The JSON body Dify's run endpoint expects for this app type. */
+export function difyRequestBody(
+  type: AppType,
+  app: AppConfig,
+  args: { query: string; user: string; conversationId?: string; inputs: Record<string, unknown>; files: DifyFile[] },
+): Record<string, unknown> {
+  const files = args.files.length ? { files: args.files } : {};
+  if (type === "workflow") {
+    return {
+      inputs: { ...args.inputs, [app.input]: args.query },
+      response_mode: "streaming",
+      user: args.user,
+      ...files,
+    };
+  }
+  if (type === "completion") {
+    return {
+      inputs: { ...args.inputs, query: args.query },
+      query: args.query,
+      response_mode: "streaming",
+      user: args.user,
+      ...files,
+    };
+  }
+  return {
+    inputs: args.inputs,
+    query: args.query,
+    response_mode: "streaming",
+    user: args.user,
+    conversation_id: args.conversationId ?? "",
+    ...files,
+  };
+}
+
+const STATUS_TYPES: Record<number, string> = {
+  400: "invalid_request_error",
+  401: "authentication_error",
+  403: "permission_error",
+  404: "not_found_error",
+  413: "invalid_request_error",
+  429: "rate_limit_error",
+};
+
+/**
+ * Dify's `{code, message, status}` (an HTTP error or an in-stream `error` frame) as the error the
+ * client gets. A fault retrying cannot fix stays a 4xx, so clients such as OpenClaw do not retry.
+ */
+export function difyError(status: number, body: unknown, app: AppConfig, clientKey: boolean): ApiError {
+  const b = isObject(body) ? body : {};
+  const code = typeof b.code === "string" ? b.code : `dify_${status}`;
+  const detail = typeof b.message === "string" && b.message ? b.message : `HTTP ${status}`;
+  const message = `Dify (model ${app.model}): ${detail}`;
+  if (status === 401 || status === 403) {
+    // The operator's key is wrong: that is the gateway's fault, not the client's credentials.
+    if (!clientKey) {
+      return new ApiError(
+        502,
+        `${message} — the Dify key configured for model ${app.model} was rejected`,
+        "upstream_error",
+        code,
+      );
+    }
+    return new ApiError(status, message, STATUS_TYPES[status], code);
+  }
+  if (status === 429) return new ApiError(429, message, "rate_limit_error", code, null, { "retry-after": "1" });
+  if (status === 413) return new ApiError(413, message, "invalid_request_error", code);
+  if (status === 404) {
+    if (/conversation/i.test(detail)) return new ApiError(404, message, "not_found_error", "conversation_not_found");
+    return new ApiError(502, `${message} — check DIFY_API_URL for model ${app.model}`, "upstream_error", code);
+  }
+  if (status >= 400 && status < 500 && status !== 408 && status !== 415) {
+    return new ApiError(400, message, "invalid_request_error", code);
+  }
+  return new ApiError(502, message, "upstream_error", code);
+}
+
+/** What a non-SSE Dify response says, as an error: JSON envelope, HTML page, or other. */
+async function unexpectedResponse(res: Response, app: AppConfig, clientKey: boolean): Promise<ApiError> {
+  const type = res.headers.get("content-type") ?? "";
+  const text = await res.text().catch(() => "");
+  let body: unknown;
+  try {
+    body = JSON.parse(text);
+  } catch { /* not JSON */ }
+  if (isObject(body) && typeof body.message === "string") {
+    return difyError(res.ok ? Number(body.status) || 502 : res.status, body, app, clientKey);
+  }
+  if (res.ok) {
+    return new ApiError(
+      502,
+      `Dify (model ${app.model}) answered ${type || "an unknown type"} where an event stream was expected`,
+      "upstream_error",
+      "bad_upstream_response",
+    );
+  }
+  const what = /html/i.test(type) || /^\s*</.test(text) ? "an HTML error page (a proxy in front of Dify?)" : "an error";
+  return new ApiError(
+    res.status === 504 ? 504 : 502,
+    `Dify (model ${app.model}) answered HTTP ${res.status} with ${what}`,
+    "upstream_error",
+    `dify_${res.status}`,
+  );
+}
+
+/** Why a fetch to Dify failed, without the URL's secrets or a stack. */
+function connectionError(e: unknown, app: AppConfig, signal: AbortSignal): ApiError {
+  if (signal.aborted && signal.reason instanceof ApiError) return signal.reason;
+  const reason = (e as Error)?.message?.split("\n")[0] ?? String(e);
+  return new ApiError(
+    502,
+    `could not reach Dify for model ${app.model} at ${new URL(app.url).host}: ${reason}`,
+    "upstream_error",
+    "upstream_unreachable",
+  );
+}
+
+// ─── Event translation ──────────────────────────────────────────────────────────────────────────
+// Dify's events in, OpenAI's content and reasoning out. The state machine is shared by streaming
+// and aggregated responses; a sink decides what to do with each delta.
+
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+}
+
+/** Where translated deltas go: SSE chunks for a stream, nothing extra for an aggregate. */
+export interface Sink {
+  content(text: string): void;
+  reasoning(text: string): void;
+  ping(): void;
+}
+
+/** Everything known about one answer while Dify streams it. */
+export interface Translation {
+  type: AppType;
+  stream: boolean;
+  /** Exactly the content the client has been sent (or will get, when aggregated). */
+  content: string;
+  reasoning: string;
+  usage?: Usage;
+  conversationId?: string;
+  taskId?: string;
+  error?: ApiError;
+  /** A terminal event arrived (message_end, or workflow_finished on workflow-based apps). */
+  ended: boolean;
+  /** Reasoning text already emitted per agent thought id. */
+  thoughts: Map<string, string>;
+  thinkOpen: boolean;
+  workflowTokens?: number;
+}
+
+export function newTranslation(type: AppType, stream: boolean): Translation {
+  return { type, stream, content: "", reasoning: "", ended: false, thoughts: new Map(), thinkOpen: false };
+}
+
+export interface TranslateOptions {
+  reasoning: Config["reasoning"];
+  reasoningNodes: boolean;
+  origin: string;
+  app: AppConfig;
+  clientKey: boolean;
+}
+
+function emitContent(t: Translation, sink: Sink, text: string): void {
+  if (!text) return;
+  if (t.thinkOpen) {
+    t.thinkOpen = false;
+    t.content += "\n</think>\n\n";
+    sink.content("\n</think>\n\n");
+  }
+  t.content += text;
+  sink.content(text);
+}
+
+function emitReasoning(t: Translation, sink: Sink, text: string, mode: Config["reasoning"]): void {
+  if (!text || mode === "off") return;
+  t.reasoning += text;
+  if (mode === "reasoning_content") return sink.reasoning(text);
+  if (!t.thinkOpen) {
+    t.thinkOpen = true;
+    text = "<think>\n" + text;
+  }
+  t.content += text;
+  sink.content(text);
+}
+
+/** An agent thought as reasoning text: the thought, then the tool call and its result. */
+export function thoughtText(ev: Record<string, unknown>, answer: string): string {
+  const lines: string[] = [];
+  const thought = typeof ev.thought === "string" ? ev.thought.trim() : "";
+  // The last iteration's thought repeats the answer already streamed as agent_message.
+  if (thought && !answer.includes(thought)) lines.push(thought);
+  if (typeof ev.tool === "string" && ev.tool) lines.push(`🔧 ${ev.tool}: ${String(ev.tool_input ?? "")}`);
+  if (typeof ev.observation === "string" && ev.observation) lines.push(`↳ ${ev.observation}`);
+  return lines.join("\n");
+}
+
+function absoluteUrl(url: string, origin: string): string {
+  return /^[a-z][a-z0-9+.-]*:/i.test(url) ? url : origin + (url.startsWith("/") ? "" : "/") + url;
+}
+
+/** The answer a workflow produced: the configured output, a usual name, or all outputs as JSON. */
+export function workflowAnswer(outputs: unknown, key?: string): string {
+  if (!isObject(outputs)) return typeof outputs === "string" ? outputs : outputs == null ? "" : JSON.stringify(outputs);
+  const names = key ? [key] : ["text", "answer", "result", "output"];
+  for (const name of names) {
+    const v = outputs[name];
+    if (typeof v === "string") return v;
+    if (v !== undefined && v !== null) return JSON.stringify(v);
+  }
+  const values = Object.values(outputs);
+  if (values.length === 1 && typeof values[0] === "string") return values[0];
+  return values.length ? JSON.stringify(outputs) : "";
+}
+
+function usageOf(raw: unknown): Usage | undefined {
+  if (!isObject(raw)) return undefined;
+  const prompt = Number(raw.prompt_tokens) || 0;
+  const completion = Number(raw.completion_tokens) || 0;
+  return {
+    prompt_tokens: prompt,
+    completion_tokens: completion,
+    total_tokens: Number(raw.total_tokens) || prompt + completion,
+  };
+}
+
+/** Applies one parsed Dify event to the translation, sending deltas to the sink. */
+export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink: Sink, o: TranslateOptions): void {
+  if (t.taskId === undefined && typeof ev.task_id === "string") t.taskId = ev.task_id;
+  if (t.conversationId === undefined && typeof ev.conversation_id === "string" && ev.conversation_id) {
+    t.conversationId = ev.conversation_id;
+  }
+  switch (ev.event) {
+    case "message":
+    case "agent_message": {
+      const answer = ev.answer;
+      if (typeof answer !== "string" || !answer) return;
+      // The New Agent closes with one `message` holding the whole answer it already streamed.
+      if (ev.event === "message" && t.type === "agent" && answer === t.content) return;
+      return emitContent(t, sink, answer);
+    }
+    case "text_chunk": {
+      const data = ev.data;
+      if (isObject(data) && typeof data.text === "string") emitContent(t, sink, data.text);
+      return;
+    }
+    case "message_file": {
+      // Some Dify versions send ordinary answer text as message_file events.
+      if (typeof ev.answer === "string") return emitContent(t, sink, ev.answer);
+      if (ev.belongs_to === "user" || typeof ev.url !== "string") return;
+      const url = absoluteUrl(ev.url, o.origin);
+      const md = ev.type === "image" ? `![image](${url})` : `[file](${url})`;
+      return emitContent(t, sink, (t.content && !t.content.endsWith("\n") ? "\n\n" : "") + md + "\n\n");
+    }
+    case "message_replace": {
+      const answer = typeof ev.answer === "string" ? ev.answer : "";
+      if (!t.stream) {
+        t.content = answer;
+        return;
+      }
+      // Deltas already sent cannot be taken back: the replacement follows, clearly set apart.
+      return emitContent(t, sink, t.content ? `\n\n---\n\n${answer}` : answer);
+    }
+    case "agent_thought": {
+      const id = typeof ev.id === "string" ? ev.id : String(ev.position ?? "");
+      const text = thoughtText(ev, t.content);
+      const before = t.thoughts.get(id) ?? "";
+      if (text === before || !text) return;
+      t.thoughts.set(id, text);
+      const fresh = text.startsWith(before) ? text.slice(before.length) : "\n" + text;
+      const sep = !before && t.reasoning && !t.reasoning.endsWith("\n") ? "\n" : "";
+      return emitReasoning(t, sink, sep + fresh, o.reasoning);
+    }
+    case "node_started":
+    case "node_finished": {
+      if (!o.reasoningNodes || !isObject(ev.data)) return;
+      const d = ev.data;
+      const title = String(d.title ?? d.node_type ?? "node");
+      const line = ev.event === "node_started"
+        ? `▶ ${title}\n`
+        : d.status === "failed"
+        ? `✗ ${title}: ${String(d.error ?? "failed")}\n`
+        : `✓ ${title}\n`;
+      return emitReasoning(t, sink, line, o.reasoning);
+    }
+    case "workflow_finished": {
+      const d = isObject(ev.data) ? ev.data : {};
+      if (typeof d.total_tokens === "number") t.workflowTokens = d.total_tokens;
+      if (d.status === "failed") {
+        t.error ??= new ApiError(
+          400,
+          `Dify (model ${o.app.model}) workflow failed: ${String(d.error ?? "unknown error")}`,
+          "invalid_request_error",
+          "workflow_failed",
+        );
+        return;
+      }
+      if (t.type === "workflow") {
+        if (!t.content) emitContent(t, sink, workflowAnswer(d.outputs, o.app.output));
+        t.ended = true;
+      } else if (t.type === "chatflow") t.ended = true;
+      return;
+    }
+    case "message_end": {
+      const meta = isObject(ev.metadata) ? ev.metadata : {};
+      t.usage = usageOf(meta.usage) ?? t.usage;
+      t.ended = true;
+      return;
+    }
+    case "error": {
+      const status = Number(ev.status) || 500;
+      t.error ??= difyError(status, ev, o.app, o.clientKey);
+      return;
+    }
+    case "ping":
+      return sink.ping();
+  }
+  // Every other event (workflow_started, tts_*, iteration_*, …) carries nothing for the answer.
+}
+
+/** Closes an open `<think>` block and settles the final usage. */
+export function finishTranslation(t: Translation, sink: Sink): void {
+  if (t.thinkOpen) {
+    t.thinkOpen = false;
+    t.content += "\n</think>\n\n";
+    sink.content("\n</think>\n\n");
+  }
+  if (!t.usage && t.workflowTokens !== undefined) {
+    t.usage = { prompt_tokens: 0, completion_tokens: t.workflowTokens, total_tokens: t.workflowTokens };
+  }
+}
+
+// ─── Server-sent event lines ────────────────────────────────────────────────────────────────────
+
+const LF = 0x0a;
+const CR = 0x0d;
+const MAX_LINE_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Splits a byte stream into lines without decoding it first: UTF-8 never uses the bytes of CR or
+ * LF inside a multi-byte character, so a line found in bytes is always whole text.
+ *
+ * - `\n`, `\r\n` and a lone `\r` each end a line; a `\r` at the end of one chunk followed by `\n`
+ *   at the start of the next is one line end, not two.
+ * - The caller may overwrite a chunk after `push` returns (a reused BYOB buffer): an unfinished line
+ *   is copied out.
+ * - `flush` hands over an unterminated last line.
+ */
+export class LineSplitter {
+  #carry: Uint8Array | null = null;
+  #skipLf = false;
+
+  constructor(private onLine: (bytes: Uint8Array, start: number, end: number) => void) {}
+
+  push(chunk: Uint8Array): void {
+    let start = 0;
+    const n = chunk.length;
+    if (this.#skipLf && n && chunk[0] === LF) start = 1;
+    this.#skipLf = false;
+    for (let i = start; i < n; i++) {
+      const b = chunk[i];
+      if (b !== LF && b !== CR) continue;
+      if (this.#carry) {
+        this.#emitCarry(chunk.subarray(start, i));
+      } else this.onLine(chunk, start, i);
+      if (b === CR) {
+        if (i + 1 === n) this.#skipLf = true;
+        else if (chunk[i + 1] === LF) i++;
+      }
+      start = i + 1;
+    }
+    if (start < n) this.#keep(chunk.subarray(start));
+  }
+
+  flush(): void {
+    if (this.#carry) this.#emitCarry(new Uint8Array(0));
+  }
+
+  #keep(rest: Uint8Array): void {
+    const carry = this.#carry;
+    if (!carry) {
+      this.#carry = rest.slice();
+      return;
+    }
+    if (carry.length + rest.length > MAX_LINE_BYTES) throw new Error(`an event line is over ${MAX_LINE_BYTES} bytes`);
+    const joined = new Uint8Array(carry.length + rest.length);
+    joined.set(carry);
+    joined.set(rest, carry.length);
+    this.#carry = joined;
+  }
+
+  #emitCarry(tail: Uint8Array): void {
+    this.#keep(tail);
+    const line = this.#carry!;
+    this.#carry = null;
+    this.onLine(line, 0, line.length);
+  }
+}
+
+const utf8 = new TextDecoder();
+
+/** `data:` → the event's JSON object; `event: ping` → a ping; anything else (id:, retry:, comments) → null. */
+export function parseSseLine(bytes: Uint8Array, start: number, end: number): Record<string, unknown> | "ping" | null {
+  if (end - start < 5) return null;
+  // "data:"
+  if (
+    bytes[start] === 0x64 && bytes[start + 1] === 0x61 && bytes[start + 2] === 0x74 && bytes[start + 3] === 0x61 &&
+    bytes[start + 4] === 0x3a
+  ) {
+    let from = start + 5;
+    if (bytes[from] === 0x20) from++;
+    if (from >= end) return null;
+    try {
+      const value = JSON.parse(utf8.decode(bytes.subarray(from, end)));
+      return isObject(value) ? value : null;
+    } catch {
+      return null;
+    }
+  }
+  // "event: ping"
+  if (bytes[start] === 0x65 && end - start >= 11 && utf8.decode(bytes.subarray(start, end)).trim() === "event: ping") {
+    return "ping";
+  }
+  return null;
+}
+
+// ─── Exchanges: one Dify call, watched for silence ──────────────────────────────────────────────
+// One timer serves every open exchange: a per-event timer reset would cost more than the events.
+
+/** Reads a body chunk by chunk; `null` at the end. The chunk may be overwritten by the next read. */
+export interface ChunkReader {
+  read(): Promise<Uint8Array | null>;
+  cancel(): void;
+}
+
+/** One request's call to Dify: its abort switch, its clocks, and what the watchdog checks. */
+export class Exchange {
+  readonly upstream = new AbortController();
+  readonly started: number;
+  /** Last byte from Dify (or the start, while waiting for headers). */
+  lastUpstream: number;
+  /** Last byte to the client; -1 while no stream is open to it. */
+  lastWrite = -1;
+  headersReceived = false;
+  keepalive?: () => void;
+  onTimeout?: () => void;
+
+  constructor(readonly now: () => number) {
+    this.started = now();
+    this.lastUpstream = this.started;
+  }
+
+  abort(reason: ApiError): void {
+    if (!this.upstream.signal.aborted) this.upstream.abort(reason);
+  }
+}
+
+export class Watchdog {
+  private open = new Set<Exchange>();
+  private timer: ReturnType<typeof setInterval> | undefined;
+  private tickMs: number;
+
+  constructor(
+    private cfg: Pick<Config, "keepaliveMs" | "upstreamTimeoutMs" | "upstreamIdleMs">,
+    private now: () => number,
+  ) {
+    const shortest = Math.min(
+      cfg.keepaliveMs || Infinity,
+      cfg.upstreamTimeoutMs || Infinity,
+      cfg.upstreamIdleMs || Infinity,
+    );
+    this.tickMs = Math.max(10, Math.min(1000, Number.isFinite(shortest) ? shortest / 4 : 1000));
+  }
+
+  get size(): number {
+    return this.open.size;
+  }
+
+  get exchanges(): Iterable<Exchange> {
+    return this.open;
+  }
+
+  add(ex: Exchange): void {
+    this.open.add(ex);
+    this.timer ??= setInterval(() => this.tick(), this.tickMs);
+  }
+
+  delete(ex: Exchange): void {
+    this.open.delete(ex);
+    if (!this.open.size && this.timer !== undefined) {
+      clearInterval(this.timer);
+      this.timer = undefined;
+    }
+  }
+
+  private tick(): void {
+    const now = this.now();
+    const { keepaliveMs, upstreamTimeoutMs, upstreamIdleMs } = this.cfg;
+    for (const ex of this.open) {
+      if (!ex.headersReceived) {
+        if (upstreamTimeoutMs && now - ex.started > upstreamTimeoutMs) {
+          ex.abort(
+            new ApiError(
+              504,
+              `Dify sent nothing within ${upstreamTimeoutMs / 1000} s (UPSTREAM_TIMEOUT_SECONDS)`,
+              "upstream_error",
+              "upstream_timeout",
+            ),
+          );
+        }
+      } else if (upstreamIdleMs && now - ex.lastUpstream > upstreamIdleMs) {
+        ex.abort(
+          new ApiError(
+            504,
+            `Dify went silent for ${upstreamIdleMs / 1000} s mid-answer (UPSTREAM_IDLE_SECONDS)`,
+            "upstream_error",
+            "upstream_idle_timeout",
+          ),
+        );
+      }
+      if (keepaliveMs && ex.keepalive && now - Math.max(ex.lastWrite, ex.started) >= keepaliveMs) ex.keepalive();
+    }
+  }
+}
+
+// ─── OpenAI output ──────────────────────────────────────────────────────────────────────────────
+
+const CHUNK_TAIL = `},"logprobs":null,"finish_reason":null}]}\n\n`;
+
+/** Pre-built chunk text for one completion: each delta costs one JSON.stringify and a concat. */
+export class ChunkFormat {
+  private head: string;
+  private envelope: string;
+
+  constructor(id: string, created: number, model: string) {
+    this.envelope = `{"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${
+      JSON.stringify(model)
+    },`;
+    this.head = `data: ${this.envelope}"choices":[{"index":0,"delta":{`;
+  }
+  role(): string {
+    return this.head + `"role":"assistant","content":""` + CHUNK_TAIL;
+  }
+  content(text: string): string {
+    return this.head + `"content":` + JSON.stringify(text) + CHUNK_TAIL;
+  }
+  reasoning(text: string): string {
+    return this.head + `"reasoning_content":` + JSON.stringify(text) + CHUNK_TAIL;
+  }
+  finish(): string {
+    return this.head + `},"logprobs":null,"finish_reason":"stop"}]}\n\n`;
+  }
+  usage(usage: Usage): string {
+    return `data: ${this.envelope}"choices":[],"usage":${JSON.stringify(usage)}}\n\n`;
+  }
+}
+
+export const SSE_DONE = "data: [DONE]\n\n";
+
+export function errorFrame(e: ApiError): string {
+  return `data: ${errorJson(e)}\n\n`;
+}
+
+/** The aggregated `chat.completion` object for `stream: false`. */
+export function completionObject(id: string, created: number, model: string, t: Translation, reasoning: boolean) {
+  const message: Record<string, unknown> = { role: "assistant", content: t.content };
+  if (reasoning && t.reasoning) message.reasoning_content = t.reasoning;
+  return {
+    id,
+    object: "chat.completion",
+    created,
+    model,
+    choices: [{ index: 0, message, logprobs: null, finish_reason: "stop" }],
+    usage: t.usage ?? { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 },
+  };
+}
+
+// ─── The bridge: one chat completion ────────────────────────────────────────────────────────────
+
+export interface Deps {
+  store: ConversationStore;
+  /** One JSON line per request. */
+  log: (line: string) => void;
+  warn: (message: string) => void;
+  fetch: typeof fetch;
+  /** How Dify's body is read: a BYOB reader on Deno, the default reader on Bun. */
+  bodyReader: (body: ReadableStream<Uint8Array>) => ChunkReader;
+  now: () => number;
+}
+
+/** A reader over any stream's default reader (Bun's chunks are already large). */
+export function defaultReader(body: ReadableStream<Uint8Array>): ChunkReader {
+  const reader = body.getReader();
+  return {
+    async read() {
+      const { value, done } = await reader.read();
+      return done ? null : value;
+    },
+    cancel: () => void reader.cancel().catch(() => {}),
+  };
+}
+
+/** One reused 16 KiB buffer for every read: fewer allocations and crossings per event on Deno. */
+export function byobReader(body: ReadableStream<Uint8Array>): ChunkReader {
+  let reader: ReadableStreamBYOBReader;
+  try {
+    reader = body.getReader({ mode: "byob" });
+  } catch {
+    return defaultReader(body);
+  }
+  let buffer = new ArrayBuffer(16384);
+  return {
+    async read() {
+      const { value, done } = await reader.read(new Uint8Array(buffer));
+      if (done || !value) return null;
+      buffer = value.buffer as ArrayBuffer;
+      return value;
+    },
+    cancel: () => void reader.cancel().catch(() => {}),
+  };
+}
+
+interface Route {
+  app: AppConfig;
+  key: string;
+  /** The key came from the client (pass-through), not from configuration. */
+  clientKey: boolean;
+  type: AppType;
+}
+
+interface LogEntry {
+  [field: string]: unknown;
+}
+
+const NO_SINK: Sink = { content() {}, reasoning() {}, ping() {} };
+
+function corsHeaders(): Record<string, string> {
+  return {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "GET, POST, DELETE, OPTIONS",
+    "access-control-allow-headers":
+      "authorization, content-type, x-session-id, x-dify-conversation-id, x-openwebui-chat-id, openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout",
+    "access-control-expose-headers": "x-dify-conversation-id, x-request-id",
+    "access-control-max-age": "86400",
+  };
+}
+
+export function jsonResponse(status: number, body: unknown, headers: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(body), {
+    status,
+    headers: { "content-type": "application/json", ...corsHeaders(), ...headers },
+  });
+}
+
+export function errorResponse(e: ApiError, headers: Record<string, string> = {}): Response {
+  return new Response(errorJson(e), {
+    status: e.status,
+    headers: { "content-type": "application/json", ...corsHeaders(), ...e.headers, ...headers },
+  });
+}
+
+/** Reads a request body within the size limit and the time limit, as JSON. */
+export async function readJsonBody(req: Request, limit: number, timeoutMs: number): Promise<unknown> {
+  const declared = Number(req.headers.get("content-length"));
+  const tooBig = () =>
+    new ApiError(
+      413,
+      `request body is over ${limit} bytes (MAX_BODY_BYTES)`,
+      "invalid_request_error",
+      "request_too_large",
+    );
+  if (declared > limit) throw tooBig();
+  if (!req.body) throw badRequest("the request has no body");
+  const reader = req.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () =>
+        reject(
+          new ApiError(
+            408,
+            `request body not received within ${timeoutMs / 1000} s`,
+            "invalid_request_error",
+            "request_timeout",
+          ),
+        ),
+      timeoutMs,
+    );
+  });
+  try {
+    for (;;) {
+      const { value, done } = await Promise.race([reader.read(), timeout]);
+      if (done) break;
+      size += value.length;
+      if (size > limit) throw tooBig();
+      chunks.push(value);
+    }
+  } catch (e) {
+    reader.cancel().catch(() => {});
+    if (e instanceof ApiError) throw e;
+    throw badRequest("the request body could not be read");
+  } finally {
+    clearTimeout(timer);
+  }
+  const bytes = chunks.length === 1 ? chunks[0] : new Uint8Array(size);
+  if (chunks.length !== 1) {
+    let at = 0;
+    for (const c of chunks) {
+      bytes.set(c, at);
+      at += c.length;
+    }
+  }
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    throw badRequest("the request body is not valid UTF-8", null, "invalid_encoding");
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw badRequest(`the request body is not valid JSON: ${(e as Error).message}`, null, "invalid_json");
+  }
+}
+
+async function sha256(text: string): Promise<Uint8Array> {
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", textEncoder.encode(text)));
+}
+
+/** Equal digests, compared without an early exit. */
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  let diff = a.length ^ b.length;
+  for (let i = 0; i < a.length && i < b.length; i++) diff |= a[i] ^ b[i];
+  return diff === 0;
+}
+
+function bearerToken(req: Request): string | undefined {
+  const header = req.headers.get("authorization");
+  if (header) {
+    const match = /^\s*bearer\s+(\S+)\s*$/i.exec(header);
+    return match ? match[1] : undefined;
+  }
+  return req.headers.get("x-api-key")?.trim() || undefined;
+}
+
+function base64url(bytes: Uint8Array): string {
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+/** The server: a plain `(Request) => Response` handler plus what shutdown needs. */
+export function createServer(config: Config, deps: Deps) {
+  const watchdog = new Watchdog(config, deps.now);
+  const proxyDigests = Promise.all(config.proxyKeys.map(sha256));
+  const detected = new Map<string, Promise<AppType>>();
+  /** Conversations a request in this process is continuing right now: a twin request branches. */
+  const continuing = new Set<string>();
+  let active = 0;
+
+  /** The caller's identity (a hash of its key), after checking it against PROXY_API_KEYS. */
+  async function authenticate(req: Request): Promise<{ client: string; token?: string }> {
+    const token = bearerToken(req);
+    const digest = await sha256(token ?? "");
+    if (config.proxyKeys.length) {
+      let ok = false;
+      for (const d of await proxyDigests) ok = sameBytes(d, digest) || ok;
+      if (!token || !ok) {
+        throw new ApiError(
+          401,
+          token ? "invalid API key" : "missing API key: send Authorization: Bearer <key>",
+          "authentication_error",
+          "invalid_api_key",
+          null,
+          { "www-authenticate": "Bearer" },
+        );
+      }
+    }
+    return { client: base64url(digest.subarray(0, 12)), token };
+  }
+
+  function findApp(model: string): AppConfig {
+    const app = config.apps.get(model) ?? config.catchAll;
+    if (!app) {
+      throw new ApiError(
+        404,
+        `The model \`${model}\` does not exist. Available: ${[...config.apps.keys()].join(", ")}`,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+      );
+    }
+    return app;
+  }
+
+  async function appType(app: AppConfig, key: string): Promise<AppType> {
+    if (app.type) return app.type;
+    const id = `${app.url}\u0000${key}`;
+    let found = detected.get(id);
+    if (!found) {
+      found = (async () => {
+        try {
+          const res = await deps.fetch(`${app.url}/info`, {
+            headers: { authorization: `Bearer ${key}` },
+            signal: AbortSignal.timeout(10_000),
+          });
+          const info = res.ok ? await res.json() : await res.body?.cancel();
+          const type = isObject(info) ? DIFY_MODES[String(info.mode)] : undefined;
+          if (type) return type;
+        } catch { /* unknown: treat as a chat app and ask again next time */ }
+        detected.delete(id);
+        return "chat" as AppType;
+      })();
+      detected.set(id, found);
+    }
+    return await found;
+  }
+
+  async function route(model: string, token: string | undefined): Promise<Route> {
+    const app = findApp(model);
+    let key = app.key;
+    const clientKey = !key;
+    if (!key && !config.proxyKeys.length && token?.startsWith("app-")) key = token;
+    if (!key) {
+      throw new ApiError(
+        401,
+        `no Dify key for model ${model}: configure DIFY_API_KEY / DIFY_APPS, or send your Dify app key as Authorization: Bearer app-…`,
+        "authentication_error",
+        "missing_dify_key",
+      );
+    }
+    return { app, key, clientKey, type: await appType(app, key) };
+  }
+
+  async function resolveConversation(req: ChatRequest, turn: Turn, r: Route, client: string): Promise<Resolution> {
+    const scope = r.app.model;
+    const fallbackUser = req.user ?? turn.sender ?? config.defaultUser;
+    const fresh: Resolution = { via: "new", user: fallbackUser, head: null };
+    if (r.type === "workflow" || r.type === "completion") return fresh;
+    const store = deps.store;
+    if (req.conversationId) {
+      const head = await store.get<Head>(storeKeys.head(client, scope, req.conversationId));
+      return { via: "explicit", conversationId: req.conversationId, user: req.user ?? head?.u ?? fallbackUser, head };
+    }
+    if (req.sessionId) {
+      const b = await store.get<Binding>(storeKeys.session(client, scope, req.sessionId));
+      return b ? { via: "session", conversationId: b.c, user: b.u, head: null } : fresh;
+    }
+    if (config.conversationMode === "off") return fresh;
+    if (config.conversationMode === "user") {
+      const b = await store.get<Binding>(storeKeys.user(client, scope, fallbackUser));
+      return b ? { via: "user", conversationId: b.c, user: b.u, head: null } : fresh;
+    }
+    if (!turn.history.length) return fresh;
+    const fp = await fingerprint(turn.system, turn.history);
+    const b = await store.get<Binding>(storeKeys.fingerprint(client, scope, fp));
+    if (!b || continuing.has(b.c)) return fresh;
+    const head = await store.get<Head>(storeKeys.head(client, scope, b.c));
+    // Only the latest turn continues a conversation: a regenerate or an edit branches off.
+    if (head?.f !== fp) return fresh;
+    return { via: "history", conversationId: b.c, user: b.u, head };
+  }
+
+  /** Stores where this chat now stands; visible in-process before it returns. */
+  async function recordTurn(req: ChatRequest, turn: Turn, r: Route, client: string, res: Resolution, t: Translation) {
+    const conversation = t.conversationId;
+    if (!conversation || r.type === "workflow" || r.type === "completion") return;
+    const scope = r.app.model;
+    const binding: Binding = { c: conversation, u: res.user };
+    const store = deps.store;
+    if (req.sessionId) store.set(storeKeys.session(client, scope, req.sessionId), binding);
+    if (config.conversationMode === "user" && !req.sessionId && !req.conversationId) {
+      store.set(storeKeys.user(client, scope, res.user), binding);
+    }
+    if (config.conversationMode !== "history") return;
+    const answer: Message = { role: "assistant", text: t.content, files: [] };
+    const fp = await fingerprint(turn.system, [...turn.history, ...turn.current, answer]);
+    const headKey = storeKeys.head(client, scope, conversation);
+    const fpKey = storeKeys.fingerprint(client, scope, fp);
+    const head: Head = { f: fp, u: res.user };
+    const expected = res.conversationId === conversation ? res.head : null;
+    const checked = res.via === "history" || res.via === "new";
+    store.write(async () => {
+      if (checked ? await store.advance(headKey, expected, head) : (await store.set(headKey, head), true)) {
+        await store.set(fpKey, binding);
+      }
+    }, [[headKey, head], [fpKey, binding]]);
+  }
+
+  async function upload(r: Route, user: string, file: Extract<InputFile, { kind: "upload" }>, signal: AbortSignal) {
+    const form = new FormData();
+    form.append("file", new Blob([file.bytes as BlobPart], { type: file.mime }), file.filename);
+    form.append("user", user);
+    let res: Response;
+    try {
+      res = await deps.fetch(`${r.app.url}/files/upload`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${r.key}` },
+        body: form,
+        signal,
+      });
+    } catch (e) {
+      throw connectionError(e, r.app, signal);
+    }
+    const body = await res.json().catch(() => null);
+    if (!res.ok || !isObject(body) || typeof body.id !== "string") {
+      throw difyError(res.status === 201 || res.ok ? 502 : res.status, body, r.app, r.clientKey);
+    }
+    return body.id;
+  }
+
+  async function difyFiles(r: Route, user: string, files: InputFile[], signal: AbortSignal): Promise<DifyFile[]> {
+    return await Promise.all(
+      files.map(async (f): Promise<DifyFile> =>
+        f.kind === "remote"
+          ? { type: f.type, transfer_method: "remote_url", url: f.url }
+          : { type: f.type, transfer_method: "local_file", upload_file_id: await upload(r, user, f, signal) }
+      ),
+    );
+  }
+
+  async function callDify(r: Route, body: Record<string, unknown>, ex: Exchange): Promise<Response> {
+    let res: Response;
+    try {
+      res = await deps.fetch(`${r.app.url}${difyPaths[r.type].run}`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${r.key}`, "content-type": "application/json", accept: "text/event-stream" },
+        body: JSON.stringify(body),
+        signal: ex.upstream.signal,
+      });
+    } catch (e) {
+      throw connectionError(e, r.app, ex.upstream.signal);
+    }
+    ex.headersReceived = true;
+    ex.lastUpstream = deps.now();
+    if (res.ok && res.body && /event-stream/i.test(res.headers.get("content-type") ?? "")) return res;
+    throw await unexpectedResponse(res, r.app, r.clientKey);
+  }
+
+  function stopTask(r: Route, taskId: string, user: string): void {
+    deps.fetch(`${r.app.url}${difyPaths[r.type].stop(taskId)}`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${r.key}`, "content-type": "application/json" },
+      body: JSON.stringify({ user }),
+      signal: AbortSignal.timeout(10_000),
+    }).then((res) => res.body?.cancel(), () => {});
+  }
+
+  async function chat(req: Request, entry: LogEntry): Promise<Response> {
+    const { client, token } = await authenticate(req);
+    const body = await readJsonBody(req, config.bodyLimit, config.bodyTimeoutMs);
+    const chatReq = parseChatRequest(body, req.headers, config);
+    entry.model = chatReq.model;
+    entry.stream = chatReq.stream;
+    const r = await route(chatReq.model, token);
+    entry.app_type = r.type;
+    const turn = buildTurn(chatReq.messages, config.envelope);
+    if (active >= config.maxConcurrentStreams) {
+      throw new ApiError(
+        503,
+        `too many concurrent requests (MAX_CONCURRENT_STREAMS=${config.maxConcurrentStreams}); retry shortly`,
+        "server_error",
+        "overloaded",
+        null,
+        { "retry-after": "1" },
+      );
+    }
+    active++;
+    let released = false;
+    const release = () => {
+      if (!released) active--;
+      released = true;
+    };
+    try {
+      const response = await answer(req, chatReq, turn, r, client, entry, release);
+      return response;
+    } catch (e) {
+      release();
+      throw e;
+    }
+  }
+
+  async function answer(
+    req: Request,
+    chatReq: ChatRequest,
+    turn: Turn,
+    r: Route,
+    client: string,
+    entry: LogEntry,
+    release: () => void,
+  ): Promise<Response> {
+    const ex = new Exchange(deps.now);
+    watchdog.add(ex);
+    let res = await resolveConversation(chatReq, turn, r, client);
+    if (res.via === "history" && res.conversationId) continuing.add(res.conversationId);
+    const done = () => {
+      watchdog.delete(ex);
+      if (res.via === "history" && res.conversationId) continuing.delete(res.conversationId);
+      release();
+    };
+    let upstream: Response;
+    try {
+      const files = await difyFiles(r, res.user, turn.files, ex.upstream.signal);
+      const inputs: Record<string, unknown> = { ...chatReq.inputs };
+      if (config.systemPrompt !== "drop" && turn.system.trim()) inputs.system_prompt ??= turn.system;
+      const request = (resolution: Resolution) =>
+        difyRequestBody(r.type, r.app, {
+          query: difyQuery(turn, !resolution.conversationId, config.systemPrompt),
+          user: resolution.user,
+          conversationId: resolution.conversationId,
+          inputs,
+          files,
+        });
+      try {
+        upstream = await callDify(r, request(res), ex);
+      } catch (e) {
+        // Dify lost the conversation (deleted, expired, another Dify): start over with the history replayed.
+        if (!(e instanceof ApiError) || e.code !== "conversation_not_found" || res.via === "explicit") throw e;
+        const lost = res.conversationId!;
+        deps.store.delete(storeKeys.head(client, r.app.model, lost));
+        if (res.via === "history") continuing.delete(lost);
+        res = { via: "new", user: res.user, head: null };
+        entry.recovered = true;
+        upstream = await callDify(r, request(res), ex);
+      }
+    } catch (e) {
+      done();
+      throw e;
+    }
+    entry.conversation_via = res.via;
+    const id = `chatcmpl-${crypto.randomUUID().replaceAll("-", "")}`;
+    const created = Math.floor(Date.now() / 1000);
+    const t = newTranslation(r.type, chatReq.stream);
+    const options: TranslateOptions = {
+      reasoning: config.reasoning,
+      reasoningNodes: config.reasoningNodes,
+      origin: new URL(r.app.url).origin,
+      app: r.app,
+      clientKey: r.clientKey,
+    };
+    const finish = (status: number, error?: ApiError) => {
+      done();
+      entry.status = status;
+      entry.ms = Math.round(deps.now() - ex.started);
+      if (t.usage) {
+        entry.prompt_tokens = t.usage.prompt_tokens;
+        entry.completion_tokens = t.usage.completion_tokens;
+      }
+      if (error) entry.error = error.code;
+      if (config.logContent) {
+        entry.query = turn.query;
+        entry.answer = t.content;
+      }
+      deps.log(JSON.stringify(entry));
+    };
+    const clientGone = () => {
+      if (ex.upstream.signal.aborted) return;
+      ex.abort(new ApiError(499, "client closed the request", "client_error", "client_closed"));
+      if (t.taskId) stopTask(r, t.taskId, res.user);
+    };
+    req.signal?.addEventListener("abort", clientGone, { once: true });
+    const reader = deps.bodyReader(upstream.body!);
+    const cancelUpstream = () => reader.cancel();
+    ex.upstream.signal.addEventListener("abort", cancelUpstream, { once: true });
+    const headers: Record<string, string> = { "x-request-id": id };
+
+    if (!chatReq.stream) {
+      const error = await pump(reader, t, NO_SINK, options, ex, () => {});
+      req.signal?.removeEventListener("abort", clientGone);
+      if (error) {
+        finish(error.status, error);
+        return errorResponse(error, headers);
+      }
+      finishTranslation(t, NO_SINK);
+      await recordTurn(chatReq, turn, r, client, res, t);
+      if (t.conversationId) headers["x-dify-conversation-id"] = t.conversationId;
+      entry.ttft_ms = entry.ms;
+      finish(200);
+      return jsonResponse(
+        200,
+        completionObject(id, created, chatReq.model, t, config.reasoning === "reasoning_content"),
+        headers,
+      );
+    }
+
+    // Streaming: hold the response until the answer starts (an early Dify error can still be an
+    // HTTP error) or until the keepalive time passes with nothing to say.
+    const format = new ChunkFormat(id, created, chatReq.model);
+    let controller!: ReadableStreamDefaultController<Uint8Array>;
+    let closed = false;
+    const body = new ReadableStream<Uint8Array>({
+      start(c) {
+        controller = c;
+      },
+      cancel() {
+        closed = true;
+        clientGone();
+      },
+    });
+    const write = (text: string) => {
+      if (closed) return;
+      try {
+        controller.enqueue(textEncoder.encode(text));
+        ex.lastWrite = ex.now();
+      } catch {
+        closed = true;
+      }
+    };
+    let pending = format.role();
+    const sink: Sink = {
+      content: (text) => void (pending += format.content(text)),
+      reasoning: (text) => void (pending += format.reasoning(text)),
+      ping: () => void (pending += ": ping\n\n"),
+    };
+    let decide!: () => void;
+    const decided = new Promise<void>((resolve) => decide = resolve);
+    let committed = false;
+    ex.keepalive = () => {
+      if (!committed) return decide();
+      write(": keepalive\n\n");
+    };
+    const flushed = () => {
+      if (!committed && (t.content || t.reasoning || t.error || t.ended)) decide();
+      if (pending && (committed || !t.error || t.content || t.reasoning)) {
+        write(pending);
+        pending = "";
+      }
+    };
+    const pumped = pump(reader, t, sink, options, ex, flushed).then(async (error) => {
+      req.signal?.removeEventListener("abort", clientGone);
+      decide();
+      await decided;
+      if (!committed) return finish(error?.status ?? 200, error);
+      if (error) {
+        if (error.status !== 499) write(errorFrame(error));
+      } else {
+        finishTranslation(t, sink);
+        await recordTurn(chatReq, turn, r, client, res, t);
+        pending += format.finish();
+        if (chatReq.includeUsage) {
+          pending += format.usage(t.usage ?? { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
+        }
+        write(pending + SSE_DONE);
+      }
+      finish(error ? error.status : 200, error);
+      if (!closed) {
+        closed = true;
+        try {
+          controller.close();
+        } catch { /* the client is gone */ }
+      }
+    });
+    await decided;
+    if (t.error && !t.content && !t.reasoning) {
+      // Nothing was said yet: the client gets the error as an HTTP status.
+      await pumped;
+      return errorResponse(t.error, headers);
+    }
+    committed = true;
+    entry.ttft_ms = Math.round(deps.now() - ex.started);
+    if (pending && !t.error) {
+      write(pending);
+      pending = "";
+    }
+    if (t.conversationId) headers["x-dify-conversation-id"] = t.conversationId;
+    return new Response(body, {
+      headers: {
+        "content-type": "text/event-stream; charset=utf-8",
+        "cache-control": "no-cache",
+        "x-accel-buffering": "no",
+        ...corsHeaders(),
+        ...headers,
+      },
+    });
+  }
+
+  async function handler(req: Request): Promise<Response> {
+    const url = new URL(req.url);
+    const path = url.pathname.replace(/\/+$/, "").replace(/^\/v1(?=\/|$)/, "") || "/";
+    const entry: LogEntry = { t: new Date().toISOString(), method: req.method, path: url.pathname };
+    try {
+      if (req.method === "OPTIONS") return new Response(null, { status: 204, headers: corsHeaders() });
+      if (path === "/healthz" || path === "/health") {
+        if (req.method !== "GET" && req.method !== "HEAD") throw methodNotAllowed("GET");
+        return jsonResponse(200, { status: "ok", streams: active });
+      }
+      if (path === "/chat/completions") {
+        if (req.method !== "POST") throw methodNotAllowed("POST");
+        const response = await chat(req, entry);
+        return response;
+      }
+      if (path === "/models" || path.startsWith("/models/")) {
+        if (req.method !== "GET") throw methodNotAllowed("GET");
+        await authenticate(req);
+        return models(decodeURIComponent(path.slice("/models/".length)));
+      }
+      if (path.startsWith("/conversations/")) {
+        if (req.method !== "DELETE") throw methodNotAllowed("DELETE");
+        const { client } = await authenticate(req);
+        const user = decodeURIComponent(path.slice("/conversations/".length));
+        const scopes = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
+        await Promise.all(scopes.map((scope) => deps.store.delete(storeKeys.user(client, scope, user))));
+        return jsonResponse(200, { object: "conversation.deleted", user, deleted: true });
+      }
+      if (path === "/") {
+        return jsonResponse(200, { name: "dify-openai", endpoints: ["/v1/chat/completions", "/v1/models"] });
+      }
+      throw new ApiError(404, `unknown route ${req.method} ${url.pathname}`, "invalid_request_error", "not_found");
+    } catch (e) {
+      const error = e instanceof ApiError
+        ? e
+        : new ApiError(500, `internal error: ${(e as Error)?.message ?? e}`, "server_error", "internal_error");
+      if (!(e instanceof ApiError)) {
+        deps.warn(`unexpected error on ${req.method} ${url.pathname}: ${(e as Error)?.stack ?? e}`);
+      }
+      if (path === "/chat/completions") {
+        entry.status = error.status;
+        entry.error = error.code;
+        deps.log(JSON.stringify(entry));
+      }
+      return errorResponse(error);
+    }
+  }
+
+  function models(id: string): Response {
+    const model = (name: string) => ({ id: name, object: "model", created: 0, owned_by: "dify" });
+    const names = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
+    if (!id) return jsonResponse(200, { object: "list", data: names.map(model) });
+    if (config.catchAll || config.apps.has(id)) return jsonResponse(200, model(id));
+    throw new ApiError(404, `The model \`${id}\` does not exist`, "invalid_request_error", "model_not_found", "model");
+  }
+
+  return {
+    handler,
+    get active() {
+      return active;
+    },
+    /** Ends every open answer with an error frame (shutdown grace is over). */
+    abortAll() {
+      const reason = new ApiError(503, "the server is shutting down", "server_error", "shutting_down");
+      for (const ex of watchdog.exchanges) ex.abort(reason);
+    },
+  };
+}
+
+function methodNotAllowed(allowed: string): ApiError {
+  return new ApiError(405, `method not allowed; use ${allowed}`, "invalid_request_error", "method_not_allowed", null, {
+    allow: allowed,
+  });
+}
+
+/**
+ * Reads Dify's event stream to its end into the translation. `afterRead` runs once per upstream
+ * read, so a stream sends one output chunk per read of Dify's body, not one per event.
+ */
+export async function pump(
+  reader: ChunkReader,
+  t: Translation,
+  sink: Sink,
+  o: TranslateOptions,
+  ex: Exchange,
+  afterRead: () => void,
+): Promise<ApiError | undefined> {
+  const lines = new LineSplitter((bytes, start, end) => {
+    const ev = parseSseLine(bytes, start, end);
+    if (ev === "ping") sink.ping();
+    else if (ev) applyDifyEvent(t, ev, sink, o);
+  });
+  try {
+    for (;;) {
+      const chunk = await reader.read();
+      if (!chunk) break;
+      ex.lastUpstream = ex.now();
+      lines.push(chunk);
+      afterRead();
+      if (t.error) break;
+    }
+    lines.flush();
+  } catch (e) {
+    const reason = ex.upstream.signal.reason;
+    if (reason instanceof ApiError) return reason;
+    return t.error ??
+      new ApiError(
+        502,
+        `the connection to Dify broke mid-answer: ${(e as Error)?.message ?? e}`,
+        "upstream_error",
+        "upstream_broken",
+      );
+  }
+  if (ex.upstream.signal.reason instanceof ApiError) return ex.upstream.signal.reason;
+  if (t.error) return t.error;
+  if (!t.ended) {
+    return new ApiError(
+      502,
+      `Dify's stream ended before the answer was complete (${t.content.length} characters received, no message_end)`,
+      "upstream_error",
+      "incomplete_stream",
+    );
+  }
+  return undefined;
+}
+
+// ─── Runtime edges: Deno or Bun ─────────────────────────────────────────────────────────────────
+// Everything that differs between the two runtimes lives here: serving, environment, signals,
+// storage and how Dify's body is read. The handler above is a plain (Request) => Response.
+
+interface Served {
+  port: number;
+  /** Stops accepting; resolves when in-flight responses have finished. */
+  shutdown(): Promise<void>;
+}
+
+export interface Runtime {
+  name: "deno" | "bun";
+  env(): Env;
+  serve(port: number, handler: (req: Request) => Promise<Response>, onListen: (port: number) => void): Served;
+  onSignal(signal: "SIGTERM" | "SIGINT", listener: () => void): void;
+  openStore(path: string, env: Env): Promise<Store>;
+  bodyReader(body: ReadableStream<Uint8Array>): ChunkReader;
+  exit(code: number): never;
+}
+
+interface BunLike {
+  serve(options: {
+    port: number;
+    hostname?: string;
+    idleTimeout?: number;
+    maxRequestBodySize?: number;
+    fetch(req: Request): Promise<Response>;
+  }): { port: number; stop(closeActive?: boolean): Promise<void> | void };
+}
+
+interface ProcessLike {
+  env: Env;
+  on(signal: string, listener: () => void): void;
+  exit(code: number): never;
+}
+
+/** SQLite through bun:sqlite, in WAL mode so several Bun processes can share one file. */
+export class SqliteStore implements Store {
+  // deno-lint-ignore no-explicit-any
+  private constructor(private db: any, private sweeper: ReturnType<typeof setInterval>) {}
+
+  static async open(path: string): Promise<SqliteStore> {
+    const specifier = "bun:sqlite"; // a variable, so Deno never tries to resolve it
+    const { Database } = await import(specifier);
+    const db = new Database(path, { create: true });
+    db.exec("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;");
+    db.exec("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, exp INTEGER)");
+    const sweep = () => db.query("DELETE FROM kv WHERE exp IS NOT NULL AND exp < ?").run(Date.now());
+    sweep();
+    const sweeper = setInterval(sweep, 600_000);
+    (sweeper as { unref?: () => void }).unref?.();
+    return new SqliteStore(db, sweeper);
+  }
+
+  private read(k: string): unknown {
+    const row = this.db.query("SELECT v, exp FROM kv WHERE k = ?").get(k) as { v: string; exp: number | null } | null;
+    if (!row || (row.exp !== null && row.exp < Date.now())) return null;
+    return JSON.parse(row.v);
+  }
+
+  private write(k: string, value: unknown, ttlMs: number): void {
+    this.db.query(
+      "INSERT INTO kv (k, v, exp) VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v, exp = excluded.exp",
+    )
+      .run(k, JSON.stringify(value), ttlMs ? Date.now() + ttlMs : null);
+  }
+
+  get<T>(key: StoreKey): Promise<T | null> {
+    return Promise.resolve(this.read(JSON.stringify(key)) as T | null);
+  }
+  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
+    this.write(JSON.stringify(key), value, ttlMs);
+    return Promise.resolve();
+  }
+  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number): Promise<boolean> {
+    const k = JSON.stringify(key);
+    this.db.exec("BEGIN IMMEDIATE");
+    try {
+      const ok = sameValue(this.read(k), expected);
+      if (ok) this.write(k, value, ttlMs);
+      this.db.exec("COMMIT");
+      return Promise.resolve(ok);
+    } catch (e) {
+      this.db.exec("ROLLBACK");
+      throw e;
+    }
+  }
+  delete(key: StoreKey): Promise<void> {
+    this.db.query("DELETE FROM kv WHERE k = ?").run(JSON.stringify(key));
+    return Promise.resolve();
+  }
+  close(): void {
+    clearInterval(this.sweeper);
+    this.db.close();
+  }
+}
+
+function dirOf(path: string): string {
+  const i = path.lastIndexOf("/");
+  return i > 0 ? path.slice(0, i) : "";
+}
+
+function denoRuntime(): Runtime {
+  return {
+    name: "deno",
+    env: () => Deno.env.toObject(),
+    serve(port, handler, onListen) {
+      const server = Deno.serve({ port, onListen: ({ port }) => onListen(port) }, handler);
+      return { port: server.addr.port, shutdown: () => server.shutdown() };
+    },
+    onSignal: (signal, listener) => Deno.addSignalListener(signal, listener),
+    async openStore(path, env) {
+      // On Deno Deploy the managed KV is the default; elsewhere a local file (or KV Connect URL).
+      if (env.DENO_DEPLOYMENT_ID && !env.KV_PATH) return new DenoKvStore(await Deno.openKv());
+      if (path !== ":memory:" && !/^https?:\/\//.test(path) && dirOf(path)) {
+        await Deno.mkdir(dirOf(path), { recursive: true });
+      }
+      return new DenoKvStore(await Deno.openKv(path));
+    },
+    bodyReader: byobReader,
+    exit: (code) => Deno.exit(code),
+  };
+}
+
+function bunRuntime(bun: BunLike, proc: ProcessLike): Runtime {
+  return {
+    name: "bun",
+    env: () => ({ ...proc.env }),
+    serve(port, handler, onListen) {
+      // idleTimeout 0: Bun would otherwise close a quiet stream after 10 s; keepalives cover idling.
+      const server = bun.serve({ port, idleTimeout: 0, maxRequestBodySize: Number.MAX_SAFE_INTEGER, fetch: handler });
+      queueMicrotask(() => onListen(server.port));
+      return { port: server.port, shutdown: async () => void await server.stop(false) };
+    },
+    onSignal: (signal, listener) => proc.on(signal, listener),
+    async openStore(path) {
+      if (/^https?:\/\//.test(path)) {
+        throw new ConfigError("KV_PATH as a KV Connect URL works on Deno only; on Bun use a file path or :memory:");
+      }
+      if (path !== ":memory:" && dirOf(path)) {
+        const fs = "node:fs/promises";
+        await (await import(fs)).mkdir(dirOf(path), { recursive: true });
+      }
+      return await SqliteStore.open(path);
+    },
+    // Bun's fetch bodies refuse BYOB readers, and hand over large chunks anyway.
+    bodyReader: defaultReader,
+    exit: (code) => proc.exit(code),
+  };
+}
+
+/** The runtime this file is running on, detected once. */
+export function currentRuntime(): Runtime {
+  const g = globalThis as { Bun?: BunLike; process?: ProcessLike };
+  return g.Bun && g.process ? bunRuntime(g.Bun, g.process) : denoRuntime();
+}
+
+// ─── main ───────────────────────────────────────────────────────────────────────────────────────
+
+export async function main(rt: Runtime = currentRuntime()): Promise<void> {
+  const fail = (message: string): never => {
+    console.error(`dify-openai: ${message}`);
+    return rt.exit(1);
+  };
+  const env = rt.env();
+  let config: Config;
+  try {
+    config = loadConfig(env);
+  } catch (e) {
+    return void fail(e instanceof ConfigError ? e.message : String(e));
+  }
+  let store: Store;
+  try {
+    store = await rt.openStore(config.kvPath, env);
+  } catch (e) {
+    return void fail(
+      e instanceof ConfigError
+        ? e.message
+        : `cannot open the conversation store at KV_PATH=${config.kvPath}: ${(e as Error).message}`,
+    );
+  }
+  const warn = (message: string) =>
+    console.error(JSON.stringify({ t: new Date().toISOString(), level: "warn", message }));
+  const conversations = new ConversationStore(store, config.conversationTtlMs, warn);
+  const server = createServer(config, {
+    store: conversations,
+    log: (line) => console.log(line),
+    warn,
+    fetch: (input, init) => fetch(input, init),
+    bodyReader: (body) => rt.bodyReader(body),
+    now: () => performance.now(),
+  });
+  if (!config.proxyKeys.length) {
+    warn("PROXY_API_KEYS is not set: anyone who can reach this server can use it");
+  }
+  const served = rt.serve(config.port, server.handler, (port) => {
+    const models = config.catchAll ? `every model name → ${config.catchAll.model}` : [...config.apps.keys()].join(", ");
+    console.error(
+      `dify-openai on ${rt.name}: http://localhost:${port}/v1 (${models}; conversations: ${config.conversationMode}, store: ${config.kvPath})`,
+    );
+  });
+  let stopping = false;
+  const stop = async () => {
+    if (stopping) return;
+    stopping = true;
+    console.error(
+      `dify-openai: shutting down, letting ${server.active} open answers finish (up to ${
+        config.shutdownGraceMs / 1000
+      } s)`,
+    );
+    const grace = setTimeout(() => server.abortAll(), config.shutdownGraceMs);
+    await served.shutdown().catch(() => {});
+    clearTimeout(grace);
+    await conversations.flush();
+    store.close();
+    rt.exit(0);
+  };
+  rt.onSignal("SIGTERM", stop);
+  rt.onSignal("SIGINT", stop);
+}
+
+if (import.meta.main) await main();
