@@ -187,5 +187,6 @@ export function sseData(text: string): unknown[] {
   });
 }
 
-export const user = (content: unknown) => ({ role: "user", content });
-export const assistant = (content: string) => ({ role: "assistant", content });
+// deno-lint-ignore no-explicit-any
+export const user = (content: any) => ({ role: "user" as const, content });
+export const assistant = (content: string) => ({ role: "assistant" as const, content });
