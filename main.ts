@@ -627,6 +627,8 @@ export class DenoKvStore implements Store {
 export class ConversationStore {
   private pending = new Map<string, unknown>();
   private writes = new Set<Promise<unknown>>();
+  /** The last write in flight per key. */
+  private queued = new Map<string, Promise<void>>();
   private warned = new Set<string>();
 
   constructor(private store: Store, private ttlMs: number, private warn: (msg: string) => void) {}
@@ -651,17 +653,31 @@ export class ConversationStore {
     }
   }
 
-  /** Visible at once in this process; durable when the returned promise settles. */
+  /**
+   * Visible at once in this process; durable when the returned promise settles. `op` writes
+   * through the raw store it is given, never through this wrapper's `set` (that waits for `op`).
+   */
   write(op: (store: Store) => Promise<unknown>, visible: [StoreKey, unknown][]): Promise<void> {
     const ids = visible.map(([key, value]) => {
       const id = key.join("\u0000");
       this.pending.set(id, value);
       return [id, value] as const;
     });
-    const done: Promise<void> = op(this.store).then(() => {}, (e) => this.failed("write", e)).finally(() => {
-      for (const [id, value] of ids) if (this.pending.get(id) === value) this.pending.delete(id);
+    // Writes to one key run in order: turn 2's check-and-set on the head must see turn 1's head,
+    // even when turn 2 was answered before turn 1's write committed. Started inside a promise, so
+    // a store that throws synchronously cannot break the answer.
+    const before = Promise.all(ids.map(([id]) => this.queued.get(id)));
+    const done: Promise<void> = before.then(() => op(this.store)).then(
+      () => {},
+      (e) => this.failed("write", e),
+    ).finally(() => {
+      for (const [id, value] of ids) {
+        if (this.pending.get(id) === value) this.pending.delete(id);
+        if (this.queued.get(id) === done) this.queued.delete(id);
+      }
       this.writes.delete(done);
     });
+    for (const [id] of ids) this.queued.set(id, done);
     this.writes.add(done);
     return done;
   }
@@ -1637,9 +1653,11 @@ export function createServer(config: Config, deps: Deps) {
     const head: Head = { f: fp, u: res.user };
     const expected = res.conversationId === conversation ? res.head : null;
     const checked = res.via === "history" || res.via === "new";
-    store.write(async () => {
-      if (checked ? await store.advance(headKey, expected, head) : (await store.set(headKey, head), true)) {
-        await store.set(fpKey, binding);
+    const ttl = config.conversationTtlMs;
+    // The raw store `s`: this wrapper's `set` would queue behind this very write.
+    store.write(async (s) => {
+      if (checked ? await store.advance(headKey, expected, head) : (await s.set(headKey, head, ttl), true)) {
+        await s.set(fpKey, binding, ttl);
       }
     }, [[headKey, head], [fpKey, binding]]);
   }
@@ -2102,7 +2120,10 @@ export class SqliteStore implements Store {
     const specifier = "bun:sqlite"; // a variable, so Deno never tries to resolve it
     const { Database } = await import(specifier);
     const db = new Database(path, { create: true });
-    db.exec("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;");
+    // busy_timeout before WAL: two processes opening the file at once would otherwise see SQLITE_BUSY.
+    db.exec("PRAGMA busy_timeout = 5000;");
+    db.exec("PRAGMA journal_mode = WAL;");
+    db.exec("PRAGMA synchronous = NORMAL;");
     db.exec("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, exp INTEGER)");
     const sweep = () => db.query("DELETE FROM kv WHERE exp IS NOT NULL AND exp < ?").run(Date.now());
     sweep();
@@ -2208,6 +2229,36 @@ function bunRuntime(bun: BunLike, proc: ProcessLike): Runtime {
   };
 }
 
+interface BunSpawn {
+  spawn(cmd: string[], opts: { env: Env; stdio: string[] }): {
+    exited: Promise<number>;
+    kill(signal?: string): void;
+  };
+}
+
+/**
+ * Bun's fetch holds only 256 requests open unless BUN_CONFIG_MAX_HTTP_REQUESTS is set when Bun
+ * starts (setting it from inside the script is too late), and every streaming answer holds one.
+ * So without it, Bun runs this file again as a child with the limit raised, passing signals on.
+ * Returns true when this process was only the launcher.
+ */
+async function relaunchWithFetchLimit(bun: BunSpawn, proc: ProcessLike & { execPath: string; argv: string[] }) {
+  if (proc.env.BUN_CONFIG_MAX_HTTP_REQUESTS) return false;
+  const child = bun.spawn([proc.execPath, ...proc.argv.slice(1)], {
+    env: { ...proc.env, BUN_CONFIG_MAX_HTTP_REQUESTS: "16384" },
+    stdio: ["inherit", "inherit", "inherit"],
+  });
+  for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"]) {
+    proc.on(signal, () => {
+      try {
+        child.kill(signal);
+      } catch { /* already gone */ }
+    });
+  }
+  proc.exit(await child.exited);
+  return true;
+}
+
 /** The runtime this file is running on, detected once. */
 export function currentRuntime(): Runtime {
   const g = globalThis as { Bun?: BunLike; process?: ProcessLike };
@@ -2278,4 +2329,7 @@ export async function main(rt: Runtime = currentRuntime()): Promise<void> {
   rt.onSignal("SIGINT", stop);
 }
 
-if (import.meta.main) await main();
+if (import.meta.main) {
+  const g = globalThis as { Bun?: BunSpawn; process?: ProcessLike & { execPath: string; argv: string[] } };
+  if (!(g.Bun && g.process && await relaunchWithFetchLimit(g.Bun, g.process))) await main();
+}
