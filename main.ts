@@ -1215,6 +1215,8 @@ export class Exchange {
   /** Last byte to the client; -1 while no stream is open to it. */
   lastWrite = -1;
   headersReceived = false;
+  /** Set once the client has gone: stops the Dify task as soon as its id is known. */
+  stopTask?: (taskId: string) => void;
   keepalive?: () => void;
   onTimeout?: () => void;
 
@@ -1829,9 +1831,15 @@ export function createServer(config: Config, deps: Deps) {
       deps.log(JSON.stringify(entry));
     };
     const clientGone = () => {
-      if (ex.upstream.signal.aborted) return;
-      ex.abort(new ApiError(499, "client closed the request", "client_error", "client_closed"));
-      if (t.taskId) stopTask(r, t.taskId, res.user);
+      if (ex.upstream.signal.aborted || ex.stopTask) return;
+      ex.stopTask = (taskId) => {
+        if (ex.upstream.signal.aborted) return;
+        ex.abort(new ApiError(499, "client closed the request", "client_error", "client_closed"));
+        stopTask(r, taskId, res.user);
+      };
+      // Dify keeps generating (and billing) after a disconnect: stop its task. Until the first
+      // event names the task, keep reading so that there is a task id to stop.
+      if (t.taskId) ex.stopTask(t.taskId);
     };
     req.signal?.addEventListener("abort", clientGone, { once: true });
     const reader = deps.bodyReader(upstream.body!);
@@ -2047,6 +2055,7 @@ export async function pump(
       if (!chunk) break;
       ex.lastUpstream = ex.now();
       lines.push(chunk);
+      if (ex.stopTask && t.taskId) ex.stopTask(t.taskId);
       afterRead();
       if (t.error) break;
     }
