@@ -337,10 +337,31 @@ function parseContent(content: unknown, param: string, maxParts: number): { text
         files.push(attachedFile(part, at));
         break;
       default:
-        throw badRequest(`unsupported content part type ${JSON.stringify(part.type)}`, `${at}.type`);
+        throw badRequest(`unsupported content part type ${preview(part.type)}`, `${at}.type`);
     }
   });
   return { text: texts.join("\n\n"), files };
+}
+
+/** A client's value as text: `String()` throws on `{"toString": 1}` and on arrays nested 10,000 deep. */
+function valueText(v: unknown): string {
+  if (typeof v === "string") return v;
+  try {
+    return JSON.stringify(v) ?? "";
+  } catch {
+    return "";
+  }
+}
+
+/** A client's value in an error message: short, whatever its size or shape. */
+function preview(v: unknown): string {
+  let text: string;
+  try {
+    text = JSON.stringify(v) ?? String(v);
+  } catch {
+    text = Array.isArray(v) ? "[…]" : "{…}";
+  }
+  return text.length > 100 ? `${text.slice(0, 100)}…` : text;
 }
 
 /** Assistant tool calls as text, so replayed history keeps what the tools were asked. */
@@ -348,7 +369,7 @@ function toolCallsText(calls: unknown): string {
   if (!Array.isArray(calls)) return "";
   return calls.map((c) => {
     const fn = isObject(c) && isObject(c.function) ? c.function : {};
-    return `[called tool ${String(fn.name ?? "?")}(${String(fn.arguments ?? "")})]`;
+    return `[called tool ${valueText(fn.name ?? "?")}(${valueText(fn.arguments ?? "")})]`;
   }).join("\n");
 }
 
@@ -387,8 +408,9 @@ export function parseChatRequest(
   const messages = body.messages.map((m, i): Message => {
     const param = `messages[${i}]`;
     if (!isObject(m)) throw badRequest("each message must be an object", param);
-    const role = typeof m.role === "string" ? ROLES[m.role] : undefined;
-    if (!role) throw badRequest(`unknown role ${JSON.stringify(m.role)}`, `${param}.role`);
+    // Own keys only: "constructor" or "toString" must not find Object.prototype's members.
+    const role = typeof m.role === "string" && Object.hasOwn(ROLES, m.role) ? ROLES[m.role] : undefined;
+    if (!role) throw badRequest(`unknown role ${preview(m.role)}`, `${param}.role`);
     const { text, files } = parseContent(m.content, `${param}.content`, limits.maxParts);
     if (role === "assistant" && m.tool_calls !== undefined) {
       return { role, text: [text, toolCallsText(m.tool_calls)].filter(Boolean).join("\n"), files };
@@ -420,11 +442,16 @@ export function parseChatRequest(
 // only what the person typed, and its logs should name the person who typed it.
 
 const INTERNAL_CONTEXT = /^\s*<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>[\s\S]*<<<END_OPENCLAW_INTERNAL_CONTEXT>>>\s*$/;
+// Bounded repeats and a fence body that cannot run past the next fence: every envelope pattern
+// stays linear on a multi-megabyte message (unbounded ones backtracked for minutes, stalling the server).
 /** `[Tue 2026-11-24 08:11 UTC] `, `[Wed 2026-04-15 15:56 GMT+1] `, `[Discord alice … 06:00 UTC] `. */
-const ENVELOPE_TIMESTAMP = /^\[[^\]\n]*\b\d{4}-\d{2}-\d{2} \d{1,2}:\d{2}\b[^\]\n]*\]\s*/;
-/** `<Label>: ⟦openclaw:ctx⟧` (current) or `<Label> (untrusted metadata):` (older) + a json fence. */
+const ENVELOPE_TIMESTAMP = /^\[[^\]\n]{0,200}\b\d{4}-\d{2}-\d{2} \d{1,2}:\d{2}\b[^\]\n]{0,200}\]\s*/;
+/**
+ * `<Label>: ⟦openclaw:ctx⟧` (current) or `<Label> (untrusted metadata):` (older; also `(untrusted, for
+ * context)`, `(untrusted, nearest first)`, …) + a json fence.
+ */
 const ENVELOPE_BLOCK =
-  /(?:^|\n)[ \t]*([A-Z][A-Za-z ]{1,60}?)(?::[ \t]*⟦openclaw:ctx⟧| \(untrusted(?: metadata|, for context)\):)[ \t]*\n```(?:json)?[ \t]*\n([\s\S]*?)\n```[ \t]*(?=\n|$)/g;
+  /(?:^|\n)[ \t]*([A-Z][A-Za-z ]{1,60}?)(?::[ \t]*⟦openclaw:ctx⟧| \([^()\n]{0,80}\buntrusted\b[^()\n]{0,80}\):)[ \t]*\n```(?:json)?[ \t]*\n([^\n]*(?:\n(?!```)[^\n]*)*)\n```[ \t]*(?=\n|$)/g;
 const ENVELOPE_RUNTIME = /(?:^|\n)Runtime: agent=[^\n]*\s*$/;
 
 /** True for OpenClaw's trailing internal-context message: context for its agent, not a question. */
@@ -438,19 +465,21 @@ export interface Envelope {
   channel?: string;
 }
 
-function senderOf(json: string): { id?: string; channel?: string } {
+function senderOf(json: string): { id?: string; loose?: string; channel?: string } {
   try {
     const data = JSON.parse(json);
     if (!isObject(data)) return {};
     const sender = isObject(data.sender) ? data.sender : data;
     const id = sender.id ?? sender.user_id ?? data.sender_id;
+    // The earliest `Conversation info` named the sender only as a string (phone, id or username).
+    const loose = typeof data.sender === "string" && data.sender.trim() ? data.sender.trim() : undefined;
     const chat = typeof data.chat_id === "string" ? data.chat_id : "";
     const channel = typeof data.channel === "string"
       ? data.channel
       : chat.includes(":")
       ? chat.slice(0, chat.indexOf(":"))
       : undefined;
-    return { id: typeof id === "string" || typeof id === "number" ? String(id) : undefined, channel };
+    return { id: typeof id === "string" || typeof id === "number" ? String(id) : undefined, loose, channel };
   } catch {
     return {};
   }
@@ -459,17 +488,24 @@ function senderOf(json: string): { id?: string; channel?: string } {
 /** Removes OpenClaw's timestamp, metadata blocks and `Runtime:` line; reports the sender found. */
 export function cleanEnvelope(raw: string): Envelope {
   if (
-    !raw.includes("openclaw") && !raw.includes("(untrusted") && !raw.includes("Runtime: agent=") &&
+    !raw.includes("openclaw") && !raw.includes("untrusted") && !raw.includes("Runtime: agent=") &&
     !ENVELOPE_TIMESTAMP.test(raw)
   ) return { text: raw };
   const found: Envelope = { text: "" };
   let text = raw.replace(ENVELOPE_TIMESTAMP, "");
+  let blocks = 0;
+  let loose: string | undefined;
   text = text.replace(ENVELOPE_BLOCK, (_all, _label: string, json: string) => {
+    blocks++;
     const sender = senderOf(json);
     found.senderId ??= sender.id;
+    loose ??= sender.loose;
     found.channel ??= sender.channel;
     return "\n";
   });
+  found.senderId ??= loose;
+  // Older versions put the blocks first and the timestamp after them, right before the text.
+  if (blocks) text = text.trimStart().replace(ENVELOPE_TIMESTAMP, "");
   const runtime = ENVELOPE_RUNTIME.exec(text);
   if (runtime) {
     found.channel ??= /\bchannel=([\w-]+)/.exec(runtime[0])?.[1];
@@ -697,7 +733,10 @@ export class ConversationStore {
   }
 
   async delete(key: StoreKey): Promise<void> {
-    this.pending.delete(key.join("\u0000"));
+    const id = key.join("\u0000");
+    this.pending.delete(id);
+    // After any write of this key still in flight, or that write would bring the value back.
+    await this.queued.get(id);
     try {
       await this.store.delete(key);
     } catch (e) {
@@ -711,10 +750,24 @@ export class ConversationStore {
   }
 }
 
-const THINK_BLOCK = /<think>[\s\S]*?<\/think>\s*/g;
-
+/**
+ * Removes `<think>…</think>` blocks (and the space after each). A scan, not a lazy regex: that one
+ * rescans to the end for every unclosed `<think>`, quadratic on a large message.
+ */
 function stripThink(text: string): string {
-  return text.includes("<think>") ? text.replace(THINK_BLOCK, "") : text;
+  if (!text.includes("<think>")) return text;
+  let out = "";
+  let at = 0;
+  for (;;) {
+    const open = text.indexOf("<think>", at);
+    const close = open < 0 ? -1 : text.indexOf("</think>", open + 7);
+    // No block closes after this point, so none later can either.
+    if (close < 0) break;
+    out += text.slice(at, open);
+    at = close + 8;
+    while (at < text.length && /\s/.test(text[at])) at++;
+  }
+  return at ? out + text.slice(at) : text;
 }
 
 /** How a message looks to the fingerprint: roles and text only, reasoning and spacing normalised. */
@@ -1120,7 +1173,9 @@ const MAX_LINE_BYTES = 64 * 1024 * 1024;
  * - `flush` hands over an unterminated last line.
  */
 export class LineSplitter {
-  #carry: Uint8Array | null = null;
+  /** An unfinished line's pieces, joined once when it ends: regrowing one buffer per read is quadratic. */
+  #carry: Uint8Array[] | null = null;
+  #carryBytes = 0;
   #skipLf = false;
 
   constructor(private onLine: (bytes: Uint8Array, start: number, end: number) => void) {}
@@ -1150,22 +1205,25 @@ export class LineSplitter {
   }
 
   #keep(rest: Uint8Array): void {
-    const carry = this.#carry;
-    if (!carry) {
-      this.#carry = rest.slice();
-      return;
-    }
-    if (carry.length + rest.length > MAX_LINE_BYTES) throw new Error(`an event line is over ${MAX_LINE_BYTES} bytes`);
-    const joined = new Uint8Array(carry.length + rest.length);
-    joined.set(carry);
-    joined.set(rest, carry.length);
-    this.#carry = joined;
+    this.#carryBytes += rest.length;
+    if (this.#carryBytes > MAX_LINE_BYTES) throw new Error(`an event line is over ${MAX_LINE_BYTES} bytes`);
+    (this.#carry ??= []).push(rest.slice());
   }
 
   #emitCarry(tail: Uint8Array): void {
     this.#keep(tail);
-    const line = this.#carry!;
+    const pieces = this.#carry!;
+    let line = pieces[0];
+    if (pieces.length > 1) {
+      line = new Uint8Array(this.#carryBytes);
+      let at = 0;
+      for (const piece of pieces) {
+        line.set(piece, at);
+        at += piece.length;
+      }
+    }
     this.#carry = null;
+    this.#carryBytes = 0;
     this.onLine(line, 0, line.length);
   }
 }
@@ -1534,8 +1592,13 @@ export function createServer(config: Config, deps: Deps) {
   let active = 0;
 
   /** The caller's identity (a hash of its key), after checking it against PROXY_API_KEYS. */
+  /** Accepted tokens → client id, so a hash is computed once per key rather than per request. */
+  const accepted = new Map<string, string>();
+
   async function authenticate(req: Request): Promise<{ client: string; token?: string }> {
     const token = bearerToken(req);
+    const known = accepted.get(token ?? "");
+    if (known) return { client: known, token };
     const digest = await sha256(token ?? "");
     if (config.proxyKeys.length) {
       let ok = false;
@@ -1551,7 +1614,10 @@ export function createServer(config: Config, deps: Deps) {
         );
       }
     }
-    return { client: base64url(digest.subarray(0, 12)), token };
+    const client = base64url(digest.subarray(0, 12));
+    if (accepted.size >= 10_000) accepted.clear();
+    accepted.set(token ?? "", client);
+    return { client, token };
   }
 
   function findApp(model: string): AppConfig {
@@ -1697,6 +1763,9 @@ export function createServer(config: Config, deps: Deps) {
   }
 
   async function callDify(r: Route, body: Record<string, unknown>, ex: Exchange): Promise<Response> {
+    // Waiting for headers again (the retry after a lost conversation): the first-byte timeout
+    // applies, not the idle timer still running from the first call's answer.
+    ex.headersReceived = false;
     let res: Response;
     try {
       res = await deps.fetch(`${r.app.url}${difyPaths[r.type].run}`, {
@@ -1911,6 +1980,9 @@ export function createServer(config: Config, deps: Deps) {
     };
     const pumped = pump(reader, t, sink, options, ex, flushed).then(async (error) => {
       req.signal?.removeEventListener("abort", clientGone);
+      // A broken connection or a timeout is no Dify `error` event: record it, so that an answer that
+      // said nothing yet still becomes an HTTP error status below.
+      if (error) t.error ??= error;
       decide();
       await decided;
       if (!committed) return finish(error?.status ?? 200, error);
