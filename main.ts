@@ -603,8 +603,11 @@ type StoreKey = string[];
 export interface Store {
   get<T>(key: StoreKey): Promise<T | null>;
   set(key: StoreKey, value: unknown, ttlMs: number): Promise<void>;
-  /** Sets `value` only if the current value deep-equals `expected` (null: absent). */
-  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number): Promise<boolean>;
+  /**
+   * Sets `value` only if the current value deep-equals `expected` (null: absent), and with it the
+   * `also` entries, in one atomic commit.
+   */
+  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number, also?: [StoreKey, unknown][]): Promise<boolean>;
   delete(key: StoreKey): Promise<void>;
   close(): void;
 }
@@ -640,12 +643,25 @@ export class DenoKvStore implements Store {
   async set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
     await this.kv.set(key, value, ttlMs ? { expireIn: ttlMs } : undefined);
   }
-  async setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number): Promise<boolean> {
-    const current = await this.kv.get(key);
-    if (!sameValue(current.value, expected)) return false;
-    const result = await this.kv.atomic().check(current).set(key, value, ttlMs ? { expireIn: ttlMs } : undefined)
-      .commit();
-    return result.ok;
+  async setIf(
+    key: StoreKey,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also: [StoreKey, unknown][] = [],
+  ): Promise<boolean> {
+    const op = this.kv.atomic();
+    // "Absent" needs no read: a null versionstamp checks it inside the commit.
+    if (expected === null) op.check({ key, versionstamp: null });
+    else {
+      const current = await this.kv.get(key);
+      if (!sameValue(current.value, expected)) return false;
+      op.check(current);
+    }
+    const options = ttlMs ? { expireIn: ttlMs } : undefined;
+    op.set(key, value, options);
+    for (const [k, v] of also) op.set(k, v, options);
+    return (await op.commit()).ok;
   }
   async delete(key: StoreKey): Promise<void> {
     await this.kv.delete(key);
@@ -722,10 +738,10 @@ export class ConversationStore {
     return this.write((s) => s.set(key, value, this.ttlMs), [[key, value]]);
   }
 
-  /** Moves a conversation's head from `from` to `to`; false if another turn got there first. */
-  async advance(key: StoreKey, from: Head | null, to: Head): Promise<boolean> {
+  /** Moves a conversation's head from `from` to `to` (with `also`); false if another turn got there first. */
+  async advance(key: StoreKey, from: Head | null, to: Head, also: [StoreKey, unknown][]): Promise<boolean> {
     try {
-      return await this.store.setIf(key, from, to, this.ttlMs);
+      return await this.store.setIf(key, from, to, this.ttlMs, also);
     } catch (e) {
       this.failed("write", e);
       return false;
@@ -930,7 +946,10 @@ async function unexpectedResponse(res: Response, app: AppConfig, clientKey: bool
 /** Why a fetch to Dify failed, without the URL's secrets or a stack. */
 function connectionError(e: unknown, app: AppConfig, signal: AbortSignal): ApiError {
   if (signal.aborted && signal.reason instanceof ApiError) return signal.reason;
-  const reason = (e as Error)?.message?.split("\n")[0] ?? String(e);
+  // Deno's message is just "fetch failed": the cause says what failed, after the full URL.
+  const cause = (e as Error)?.cause;
+  const detail = cause instanceof Error ? cause.message : (e as Error)?.message ?? String(e);
+  const reason = detail.split("\n")[0].replace(/^error sending request for url \(\S*\):\s*/, "");
   return new ApiError(
     502,
     `could not reach Dify for model ${app.model} at ${new URL(app.url).host}: ${reason}`,
@@ -973,6 +992,8 @@ export interface Translation {
   thoughts: Map<string, string>;
   thinkOpen: boolean;
   workflowTokens?: number;
+  /** The `agent_message` text alone: content also holds file links and `<think>` blocks. */
+  agentText?: string;
 }
 
 export function newTranslation(type: AppType, stream: boolean): Translation {
@@ -1062,7 +1083,8 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
       const answer = ev.answer;
       if (typeof answer !== "string" || !answer) return;
       // The New Agent closes with one `message` holding the whole answer it already streamed.
-      if (ev.event === "message" && t.type === "agent" && answer === t.content) return;
+      if (ev.event === "message" && t.type === "agent" && answer === t.agentText) return;
+      if (ev.event === "agent_message") t.agentText = (t.agentText ?? "") + answer;
       return emitContent(t, sink, answer);
     }
     case "text_chunk": {
@@ -1081,7 +1103,9 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
     case "message_replace": {
       const answer = typeof ev.answer === "string" ? ev.answer : "";
       if (!t.stream) {
+        // The replacement is the whole answer, including any <think> block it replaced.
         t.content = answer;
+        t.thinkOpen = false;
         return;
       }
       // Deltas already sent cannot be taken back: the replacement follows, clearly set apart.
@@ -1724,9 +1748,8 @@ export function createServer(config: Config, deps: Deps) {
     const ttl = config.conversationTtlMs;
     // The raw store `s`: this wrapper's `set` would queue behind this very write.
     store.write(async (s) => {
-      if (checked ? await store.advance(headKey, expected, head) : (await s.set(headKey, head, ttl), true)) {
-        await s.set(fpKey, binding, ttl);
-      }
+      if (checked) await store.advance(headKey, expected, head, [[fpKey, binding]]);
+      else await Promise.all([s.set(headKey, head, ttl), s.set(fpKey, binding, ttl)]);
     }, [[headKey, head], [fpKey, binding]]);
   }
 
@@ -2233,12 +2256,15 @@ export class SqliteStore implements Store {
     this.write(JSON.stringify(key), value, ttlMs);
     return Promise.resolve();
   }
-  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number): Promise<boolean> {
+  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number, also: [StoreKey, unknown][] = []) {
     const k = JSON.stringify(key);
     this.db.exec("BEGIN IMMEDIATE");
     try {
       const ok = sameValue(this.read(k), expected);
-      if (ok) this.write(k, value, ttlMs);
+      if (ok) {
+        this.write(k, value, ttlMs);
+        for (const [key, v] of also) this.write(JSON.stringify(key), v, ttlMs);
+      }
       this.db.exec("COMMIT");
       return Promise.resolve(ok);
     } catch (e) {
