@@ -39,8 +39,9 @@ async function fixtureUsage(name: string) {
 /** A fake Dify and a bridge in front of it, closed after `fn`. */
 async function withBridge(
   env: Record<string, string>,
-  fn: (ctx: { dify: Awaited<ReturnType<typeof startFakeDify>>; bridge: Awaited<ReturnType<typeof startBridge>> }) =>
-    Promise<void>,
+  fn: (
+    ctx: { dify: Awaited<ReturnType<typeof startFakeDify>>; bridge: Awaited<ReturnType<typeof startBridge>> },
+  ) => Promise<void>,
   difyOptions: Parameters<typeof startFakeDify>[0] = {},
 ) {
   const dify = await startFakeDify(difyOptions);
@@ -105,7 +106,11 @@ test("config: invalid values are one-line ConfigErrors", () => {
       { PORT: "-1" },
     ]
   ) {
-    assert.throws(() => loadConfig(env), (e) => e instanceof ConfigError && !e.message.includes("\n"), JSON.stringify(env));
+    assert.throws(
+      () => loadConfig(env),
+      (e) => e instanceof ConfigError && !e.message.includes("\n"),
+      JSON.stringify(env),
+    );
   }
   assert.equal(difyBase("https://api.dify.ai/v1/"), "https://api.dify.ai/v1");
 });
@@ -138,7 +143,10 @@ test("lines: parseSseLine reads data JSON in both encodings, pings, and skips th
     return parseSseLine(b, 0, b.length);
   };
   assert.deepEqual(parse(`data: {"event":"message","answer":"你好"}`), { event: "message", answer: "你好" });
-  assert.deepEqual(parse(`data: {"event": "message", "answer": "\\u4f60\\u597d"}`), { event: "message", answer: "你好" });
+  assert.deepEqual(parse(`data: {"event": "message", "answer": "\\u4f60\\u597d"}`), {
+    event: "message",
+    answer: "你好",
+  });
   assert.deepEqual(parse(`data:{"a":1}`), { a: 1 });
   assert.equal(parse("event: ping"), "ping");
   for (const s of ["id: 12", "retry: 1000", ": comment", "data: {broken", "data:", "event: message", "foo: bar", ""]) {
@@ -205,7 +213,10 @@ test("errors: Dify's errors keep their meaning", () => {
   assert.equal(map(413).status, 413);
   assert.equal(map(500).status, 502);
   assert.equal(map(503).status, 502);
-  assert.equal(difyError(404, { code: "not_found", message: "Conversation Not Exists." }, app, false).code, "conversation_not_found");
+  assert.equal(
+    difyError(404, { code: "not_found", message: "Conversation Not Exists." }, app, false).code,
+    "conversation_not_found",
+  );
   assert.equal(map(404).status, 502);
 });
 
@@ -315,11 +326,19 @@ test("bridge: an error before any content is an HTTP error the SDK raises", asyn
     const client = bridge.client();
     for (const stream of [true, false]) {
       await assert.rejects(
-        client.chat.completions.create({ model: "dify", stream, messages: [user("fault:http_completion_request_error")] }),
+        client.chat.completions.create({
+          model: "dify",
+          stream,
+          messages: [user("fault:http_completion_request_error")],
+        }),
         (e) => e instanceof OpenAI.APIError && e.status === 400,
       );
       await assert.rejects(
-        client.chat.completions.create({ model: "dify", stream, messages: [user("fault:http_too_many_requests_concurrency")] }),
+        client.chat.completions.create({
+          model: "dify",
+          stream,
+          messages: [user("fault:http_too_many_requests_concurrency")],
+        }),
         (e) => e instanceof OpenAI.APIError && e.status === 429,
       );
       await assert.rejects(
@@ -339,7 +358,9 @@ test("bridge: an error mid-stream is a final error frame, raised by the SDK, aft
     assert.equal(last.error.code, "completion_request_error");
     assert.match(last.error.message, /Server Unavailable/);
     assert.ok(!data.includes("[DONE]"));
-    const partial = data.slice(0, -1).map((d) => (d as { choices: { delta: { content?: string } }[] }).choices[0].delta.content ?? "")
+    const partial = data.slice(0, -1).map((d) =>
+      (d as { choices: { delta: { content?: string } }[] }).choices[0].delta.content ?? ""
+    )
       .join("");
     assert.equal(partial, await fixtureAnswer("error_midstream"));
     let seen = "";
@@ -399,7 +420,11 @@ test("bridge: bad requests get OpenAI-shaped errors with the right status", asyn
       [400, { method: "POST", body: "{not json" }, "/chat/completions"],
       [400, { method: "POST", body: JSON.stringify({ messages: [user("x")] }) }, "/chat/completions"],
       [400, { method: "POST", body: JSON.stringify({ model: "m", messages: [assistant("x")] }) }, "/chat/completions"],
-      [413, { method: "POST", body: JSON.stringify({ model: "m", messages: [user("x".repeat(2000))] }) }, "/chat/completions"],
+      [
+        413,
+        { method: "POST", body: JSON.stringify({ model: "m", messages: [user("x".repeat(2000))] }) },
+        "/chat/completions",
+      ],
       [405, { method: "GET" }, "/chat/completions"],
       [404, { method: "GET" }, "/nothing-here"],
     ];
@@ -420,7 +445,9 @@ test("bridge: PROXY_API_KEYS guards every route; pass-through keys work only whe
   const open = await startBridge({ DIFY_API_URL: dify.url });
   try {
     for (const key of [undefined, "wrong", "app-chat"]) {
-      for (const [method, path] of [["GET", "/models"], ["POST", "/chat/completions"], ["DELETE", "/conversations/u"]]) {
+      for (
+        const [method, path] of [["GET", "/models"], ["POST", "/chat/completions"], ["DELETE", "/conversations/u"]]
+      ) {
         const res = await fetch(guarded.url + path, {
           method,
           headers: key ? { authorization: `Bearer ${key}` } : {},
@@ -433,7 +460,10 @@ test("bridge: PROXY_API_KEYS guards every route; pass-through keys work only whe
     const ok = await guarded.client("k2").chat.completions.create({ model: "dify", messages: [user("hi")] as never });
     assert.match(ok.choices[0].message.content ?? "", /^Turn 1/);
     // No configured key: the client's own Dify app key is used, scoped to that client.
-    const mine = await open.client("app-agent-mine").chat.completions.create({ model: "any", messages: [user("yo")] as never });
+    const mine = await open.client("app-agent-mine").chat.completions.create({
+      model: "any",
+      messages: [user("yo")] as never,
+    });
     assert.match(mine.choices[0].message.content ?? "", /yo/);
     assert.equal(dify.requests.at(-1)?.key, "app-agent-mine");
     await assert.rejects(
@@ -462,7 +492,9 @@ test("bridge: one JSON log line per request, without keys or content unless LOG_
       assert.equal(bridge.logs.length, 3);
       const entries = bridge.logs.map((l) => JSON.parse(l));
       assert.deepEqual(entries.map((e) => e.status), [200, 200, 400]);
-      assert.ok(entries.slice(0, 2).every((e) => e.model === "dify" && typeof e.ms === "number" && e.prompt_tokens > 0));
+      assert.ok(
+        entries.slice(0, 2).every((e) => e.model === "dify" && typeof e.ms === "number" && e.prompt_tokens > 0),
+      );
       assert.ok(typeof entries[0].ttft_ms === "number");
       const all = bridge.logs.join("\n") + bridge.warnings.join("\n");
       assert.ok(!all.includes("secret-proxy-key"));

@@ -4,8 +4,8 @@
  */
 import OpenAI from "npm:openai@^6";
 import {
-  type ChunkReader,
   byobReader,
+  type ChunkReader,
   type Config,
   ConversationStore,
   createServer,
