@@ -3,7 +3,7 @@
  * the official openai SDK and raw fetch on the other.
  */
 import assert from "node:assert/strict";
-import OpenAI from "npm:openai@^6";
+import OpenAI from "openai";
 import {
   ApiError,
   ChunkFormat,

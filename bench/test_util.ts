@@ -2,7 +2,7 @@
  * Test helpers: start the bridge in-process (Deno) or as a subprocess (`deno run main.ts` or
  * `bun main.ts`) against a fake Dify, and read what it streams back.
  */
-import OpenAI from "npm:openai@^6";
+import OpenAI from "openai";
 import {
   byobReader,
   type ChunkReader,
@@ -84,7 +84,7 @@ export function bunAvailable(): boolean {
   }
 }
 
-async function freePort(): Promise<number> {
+function freePort(): number {
   const listener = Deno.listen({ port: 0, hostname: "127.0.0.1" });
   const port = (listener.addr as Deno.NetAddr).port;
   listener.close();
@@ -93,7 +93,7 @@ async function freePort(): Promise<number> {
 
 /** Starts main.ts in a subprocess on a free port and waits until /healthz answers. */
 export async function startProcess(runtime: "deno" | "bun", env: Record<string, string>): Promise<ProcessBridge> {
-  const port = await freePort();
+  const port = freePort();
   const args = runtime === "deno" ? ["run", "--allow-all", "--unstable-kv", MAIN] : [MAIN];
   const process = new Deno.Command(runtime, {
     args,
