@@ -1924,18 +1924,19 @@ export function createServer(config: Config, deps: Deps) {
     };
     const clientGone = () => {
       if (ex.upstream.signal.aborted || ex.stopTask) return;
-      ex.stopTask = (taskId) => {
-        if (ex.upstream.signal.aborted) return;
-        ex.abort(new ApiError(499, "client closed the request", "client_error", "client_closed"));
-        stopTask(r, taskId, res.user);
-      };
+      ex.stopTask = () => ex.abort(new ApiError(499, "client closed the request", "client_error", "client_closed"));
       // Dify keeps generating (and billing) after a disconnect: stop its task. Until the first
       // event names the task, keep reading so that there is a task id to stop.
       if (t.taskId) ex.stopTask(t.taskId);
     };
     req.signal?.addEventListener("abort", clientGone, { once: true });
     const reader = deps.bodyReader(upstream.body!);
-    const cancelUpstream = () => reader.cancel();
+    // Whatever ends the call early (client gone, timeout, shutdown), Dify keeps generating and
+    // billing until its task is stopped.
+    const cancelUpstream = () => {
+      reader.cancel();
+      if (t.taskId) stopTask(r, t.taskId, res.user);
+    };
     ex.upstream.signal.addEventListener("abort", cancelUpstream, { once: true });
     const headers: Record<string, string> = { "x-request-id": id };
 
@@ -2343,16 +2344,42 @@ interface BunSpawn {
   };
 }
 
+type LauncherProcess = ProcessLike & {
+  execPath: string;
+  argv: string[];
+  pid: number;
+  ppid: number;
+  kill(pid: number, signal: string): void;
+};
+
+/**
+ * The relaunched child stops (draining, as on SIGTERM) once its launcher is gone: a launcher killed
+ * with SIGKILL cannot pass a signal on, and the child would go on serving the port as an orphan.
+ */
+function followLauncher(proc: LauncherProcess): void {
+  const launcher = Number(proc.env.DIFY_OPENAI_LAUNCHER);
+  if (!launcher) return;
+  const timer = setInterval(() => {
+    if (proc.ppid === launcher) return;
+    clearInterval(timer);
+    proc.kill(proc.pid, "SIGTERM");
+  }, 1000);
+  (timer as { unref?: () => void }).unref?.();
+}
+
 /**
  * Bun's fetch holds only 256 requests open unless BUN_CONFIG_MAX_HTTP_REQUESTS is set when Bun
  * starts (setting it from inside the script is too late), and every streaming answer holds one.
  * So without it, Bun runs this file again as a child with the limit raised, passing signals on.
  * Returns true when this process was only the launcher.
  */
-async function relaunchWithFetchLimit(bun: BunSpawn, proc: ProcessLike & { execPath: string; argv: string[] }) {
-  if (proc.env.BUN_CONFIG_MAX_HTTP_REQUESTS) return false;
+async function relaunchWithFetchLimit(bun: BunSpawn, proc: LauncherProcess) {
+  if (proc.env.BUN_CONFIG_MAX_HTTP_REQUESTS) {
+    followLauncher(proc);
+    return false;
+  }
   const child = bun.spawn([proc.execPath, ...proc.argv.slice(1)], {
-    env: { ...proc.env, BUN_CONFIG_MAX_HTTP_REQUESTS: "16384" },
+    env: { ...proc.env, BUN_CONFIG_MAX_HTTP_REQUESTS: "16384", DIFY_OPENAI_LAUNCHER: String(proc.pid) },
     stdio: ["inherit", "inherit", "inherit"],
   });
   for (const signal of ["SIGTERM", "SIGINT", "SIGHUP"]) {
@@ -2437,6 +2464,6 @@ export async function main(rt: Runtime = currentRuntime()): Promise<void> {
 }
 
 if (import.meta.main) {
-  const g = globalThis as { Bun?: BunSpawn; process?: ProcessLike & { execPath: string; argv: string[] } };
+  const g = globalThis as { Bun?: BunSpawn; process?: LauncherProcess };
   if (!(g.Bun && g.process && await relaunchWithFetchLimit(g.Bun, g.process))) await main();
 }

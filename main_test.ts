@@ -503,3 +503,15 @@ test("bridge: one JSON log line per request, without keys or content unless LOG_
     });
   }
 });
+
+test("bridge: a Dify call that goes silent past UPSTREAM_IDLE_SECONDS ends with an error and stops the task", async () => {
+  await withBridge({ UPSTREAM_IDLE_SECONDS: "0.3", KEEPALIVE_SECONDS: "0" }, async ({ bridge, dify }) => {
+    const res = await rawChat(bridge.url, { model: "dify", stream: true, user: "ida", messages: [user("fault:idle:3000")] });
+    const last = sseData(res.text).at(-1) as { error: { code: string } };
+    assert.equal(last.error.code, "upstream_idle_timeout");
+    for (let i = 0; i < 100 && !dify.stops.length; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(dify.stops.length, 1);
+    assert.equal(dify.stops[0].user, "ida");
+    assert.equal(dify.stops[0].path, `/chat-messages/${dify.stops[0].taskId}/stop`);
+  });
+});
