@@ -1884,7 +1884,10 @@ export function createServer(config: Config, deps: Deps) {
         upstream = await callDify(r, request(res), ex);
       } catch (e) {
         // Dify lost the conversation (deleted, expired, another Dify): start over with the history replayed.
-        if (!(e instanceof ApiError) || e.code !== "conversation_not_found" || res.via === "explicit") throw e;
+        if (
+          !(e instanceof ApiError) || e.code !== "conversation_not_found" || res.via === "explicit" ||
+          !res.conversationId
+        ) throw e;
         const lost = res.conversationId!;
         deps.store.delete(storeKeys.head(client, r.app.model, lost));
         if (res.via === "history") continuing.delete(lost);
