@@ -607,7 +607,13 @@ export interface Store {
    * Sets `value` only if the current value deep-equals `expected` (null: absent), and with it the
    * `also` entries, in one atomic commit.
    */
-  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number, also?: [StoreKey, unknown][]): Promise<boolean>;
+  setIf(
+    key: StoreKey,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also?: [StoreKey, unknown][],
+  ): Promise<boolean>;
   delete(key: StoreKey): Promise<void>;
   close(): void;
 }
@@ -1288,6 +1294,10 @@ export interface ChunkReader {
   cancel(): void;
 }
 
+const CLIENT_GONE = new ApiError(499, "client closed the request", "client_error", "client_closed");
+/** How long a call whose client has left may wait for Dify to name the task to stop. */
+const GONE_GRACE_MS = 5000;
+
 /** One request's call to Dify: its abort switch, its clocks, and what the watchdog checks. */
 export class Exchange {
   readonly upstream = new AbortController();
@@ -1297,8 +1307,8 @@ export class Exchange {
   /** Last byte to the client; -1 while no stream is open to it. */
   lastWrite = -1;
   headersReceived = false;
-  /** Set once the client has gone: stops the Dify task as soon as its id is known. */
-  stopTask?: (taskId: string) => void;
+  /** When the client left; the call ends as soon as Dify names the task to stop. */
+  goneAt?: number;
   keepalive?: () => void;
   onTimeout?: () => void;
 
@@ -1375,6 +1385,7 @@ export class Watchdog {
           ),
         );
       }
+      if (ex.goneAt !== undefined && now - ex.goneAt > GONE_GRACE_MS) ex.abort(CLIENT_GONE);
       if (keepaliveMs && ex.keepalive && now - Math.max(ex.lastWrite, ex.started) >= keepaliveMs) ex.keepalive();
     }
   }
@@ -1465,7 +1476,7 @@ export function byobReader(body: ReadableStream<Uint8Array>): ChunkReader {
   } catch {
     return defaultReader(body);
   }
-  let buffer = new ArrayBuffer(16384);
+  let buffer = new ArrayBuffer(4096);
   return {
     async read() {
       const { value, done } = await reader.read(new Uint8Array(buffer));
@@ -1770,7 +1781,9 @@ export function createServer(config: Config, deps: Deps) {
     }
     const body = await res.json().catch(() => null);
     if (!res.ok || !isObject(body) || typeof body.id !== "string") {
-      throw difyError(res.status === 201 || res.ok ? 502 : res.status, body, r.app, r.clientKey);
+      // Here 415 is Dify refusing this file's type: the client's to fix (a 4xx), not a gateway fault.
+      const status = res.status === 415 ? 400 : res.ok ? 502 : res.status;
+      throw difyError(status, body, r.app, r.clientKey);
     }
     return body.id;
   }
@@ -1860,9 +1873,19 @@ export function createServer(config: Config, deps: Deps) {
   ): Promise<Response> {
     const ex = new Exchange(deps.now);
     watchdog.add(ex);
+    const t = newTranslation(r.type, chatReq.stream);
+    const clientGone = () => {
+      if (ex.upstream.signal.aborted || ex.goneAt !== undefined) return;
+      ex.goneAt = ex.now();
+      // Dify keeps generating (and billing) after a disconnect: its task must be stopped. Until
+      // an event names the task, keep reading (the watchdog gives up after a few seconds).
+      if (t.taskId) ex.abort(CLIENT_GONE);
+    };
+    req.signal?.addEventListener("abort", clientGone, { once: true });
     let res = await resolveConversation(chatReq, turn, r, client);
     if (res.via === "history" && res.conversationId) continuing.add(res.conversationId);
     const done = () => {
+      req.signal?.removeEventListener("abort", clientGone);
       watchdog.delete(ex);
       if (res.via === "history" && res.conversationId) continuing.delete(res.conversationId);
       release();
@@ -1902,7 +1925,6 @@ export function createServer(config: Config, deps: Deps) {
     entry.conversation_via = res.via;
     const id = `chatcmpl-${crypto.randomUUID().replaceAll("-", "")}`;
     const created = Math.floor(Date.now() / 1000);
-    const t = newTranslation(r.type, chatReq.stream);
     const options: TranslateOptions = {
       reasoning: config.reasoning,
       reasoningNodes: config.reasoningNodes,
@@ -1925,14 +1947,6 @@ export function createServer(config: Config, deps: Deps) {
       }
       deps.log(JSON.stringify(entry));
     };
-    const clientGone = () => {
-      if (ex.upstream.signal.aborted || ex.stopTask) return;
-      ex.stopTask = () => ex.abort(new ApiError(499, "client closed the request", "client_error", "client_closed"));
-      // Dify keeps generating (and billing) after a disconnect: stop its task. Until the first
-      // event names the task, keep reading so that there is a task id to stop.
-      if (t.taskId) ex.stopTask(t.taskId);
-    };
-    req.signal?.addEventListener("abort", clientGone, { once: true });
     const reader = deps.bodyReader(upstream.body!);
     // Whatever ends the call early (client gone, timeout, shutdown), Dify keeps generating and
     // billing until its task is stopped.
@@ -1980,7 +1994,9 @@ export function createServer(config: Config, deps: Deps) {
       if (closed) return;
       try {
         controller.enqueue(textEncoder.encode(text));
-        ex.lastWrite = ex.now();
+        // Bytes queued before the response is returned have not reached the client: Dify's pings
+        // must not keep postponing the keepalive that commits the response.
+        if (committed) ex.lastWrite = ex.now();
       } catch {
         closed = true;
       }
@@ -2154,7 +2170,7 @@ export async function pump(
       if (!chunk) break;
       ex.lastUpstream = ex.now();
       lines.push(chunk);
-      if (ex.stopTask && t.taskId) ex.stopTask(t.taskId);
+      if (ex.goneAt !== undefined && t.taskId) ex.abort(CLIENT_GONE);
       afterRead();
       if (t.error) break;
     }
@@ -2456,10 +2472,15 @@ export async function main(rt: Runtime = currentRuntime()): Promise<void> {
       } s)`,
     );
     const grace = setTimeout(() => server.abortAll(), config.shutdownGraceMs);
-    await served.shutdown().catch(() => {});
+    // A client that stops reading holds its connection, and with it the graceful shutdown, open
+    // forever: a second after the grace, stop waiting for it.
+    const stuck = new Promise<void>((resolve) => setTimeout(resolve, config.shutdownGraceMs + 1000));
+    await Promise.race([served.shutdown().catch(() => {}), stuck]);
     clearTimeout(grace);
     await conversations.flush();
-    store.close();
+    try {
+      store.close();
+    } catch { /* exiting anyway */ }
     rt.exit(0);
   };
   rt.onSignal("SIGTERM", stop);
