@@ -5216,3 +5216,25 @@ Deno.test({
     }
   },
 });
+
+test("bridge: a client that leaves before Dify's first byte frees its slot and stops the task", async () => {
+  await withBridge({ MAX_CONCURRENT_STREAMS: "1" }, async ({ bridge, dify }) => {
+    const abort = new AbortController();
+    const pending = fetch(`${bridge.url}/chat/completions`, {
+      method: "POST",
+      signal: abort.signal,
+      body: JSON.stringify({ model: "dify", stream: true, user: "early", messages: [user("fault:first_byte:1500")] }),
+    }).catch((e) => e);
+    await new Promise((r) => setTimeout(r, 200));
+    abort.abort();
+    assert.ok((await pending) instanceof Error);
+    const health = async () => (await (await fetch(bridge.url.replace("/v1", "/healthz"))).json()).streams;
+    for (let i = 0; i < 200 && (await health()) !== 0; i++) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(await health(), 0);
+    for (let i = 0; i < 100 && !dify.stops.length; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(dify.stops.length, 1);
+    assert.equal(dify.stops[0].user, "early");
+    const next = await bridge.client().chat.completions.create({ model: "dify", messages: [user("after")] });
+    assert.match(next.choices[0].message.content ?? "", /after/);
+  });
+});
