@@ -2315,7 +2315,11 @@ function denoRuntime(): Runtime {
       const server = Deno.serve({ port, onListen: ({ port }) => onListen(port) }, handler);
       return { port: server.addr.port, shutdown: () => server.shutdown() };
     },
-    onSignal: (signal, listener) => Deno.addSignalListener(signal, listener),
+    onSignal(signal, listener) {
+      try {
+        Deno.addSignalListener(signal, listener);
+      } catch { /* Deno Deploy has no signals: it drains instances itself */ }
+    },
     async openStore(path, env) {
       // On Deno Deploy the managed KV is the default; elsewhere a local file (or KV Connect URL).
       if (env.DENO_DEPLOYMENT_ID && !env.KV_PATH) return new DenoKvStore(await Deno.openKv());
