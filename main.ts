@@ -1539,23 +1539,27 @@ export async function readJsonBody(req: Request, limit: number, timeoutMs: numbe
     );
   if (declared > limit) throw tooBig();
   if (!req.body) throw badRequest("the request has no body");
+  if (req.headers.has("content-length")) {
+    // The runtime holds the body to its declared length, so one read does: fewer crossings than a loop.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(bodyTimeout(timeoutMs)), timeoutMs);
+    });
+    try {
+      return parseJsonBytes(new Uint8Array(await Promise.race([req.arrayBuffer(), timeout])));
+    } catch (e) {
+      if (e instanceof ApiError) throw e;
+      throw badRequest("the request body could not be read");
+    } finally {
+      clearTimeout(timer);
+    }
+  }
   const reader = req.body.getReader();
   const chunks: Uint8Array[] = [];
   let size = 0;
   let timer: ReturnType<typeof setTimeout> | undefined;
   const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () =>
-        reject(
-          new ApiError(
-            408,
-            `request body not received within ${timeoutMs / 1000} s`,
-            "invalid_request_error",
-            "request_timeout",
-          ),
-        ),
-      timeoutMs,
-    );
+    timer = setTimeout(() => reject(bodyTimeout(timeoutMs)), timeoutMs);
   });
   try {
     for (;;) {
@@ -1580,9 +1584,15 @@ export async function readJsonBody(req: Request, limit: number, timeoutMs: numbe
       at += c.length;
     }
   }
+  return parseJsonBytes(bytes);
+}
+
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
+
+function parseJsonBytes(bytes: Uint8Array): unknown {
   let text: string;
   try {
-    text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+    text = strictUtf8.decode(bytes);
   } catch {
     throw badRequest("the request body is not valid UTF-8", null, "invalid_encoding");
   }
@@ -1591,6 +1601,15 @@ export async function readJsonBody(req: Request, limit: number, timeoutMs: numbe
   } catch (e) {
     throw badRequest(`the request body is not valid JSON: ${(e as Error).message}`, null, "invalid_json");
   }
+}
+
+function bodyTimeout(timeoutMs: number): ApiError {
+  return new ApiError(
+    408,
+    `request body not received within ${timeoutMs / 1000} s`,
+    "invalid_request_error",
+    "request_timeout",
+  );
 }
 
 async function sha256(text: string): Promise<Uint8Array> {
