@@ -253,6 +253,26 @@ const MIME_EXT: Record<string, string> = {
   "text/plain": "txt",
 };
 
+const EXT_MIME: Record<string, string> = {
+  ...Object.fromEntries(Object.entries(MIME_EXT).map(([mime, ext]) => [ext, mime])),
+  jpeg: "image/jpeg",
+  md: "text/markdown",
+  csv: "text/csv",
+  json: "application/json",
+  html: "text/html",
+  mp3: "audio/mpeg",
+  wav: "audio/wav",
+  mp4: "video/mp4",
+  docx: "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+  xlsx: "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+};
+
+/** A MIME type for a bare base64 file, from its name: Dify refuses a part without one. */
+function mimeOf(filename: string): string {
+  const ext = filename.slice(filename.lastIndexOf(".") + 1).toLowerCase();
+  return (Object.hasOwn(EXT_MIME, ext) && EXT_MIME[ext]) || "application/octet-stream";
+}
+
 function decodeBase64(data: string, param: string): Uint8Array {
   try {
     const bin = atob(data.replace(/\s+/g, ""));
@@ -299,7 +319,7 @@ function attachedFile(part: Record<string, unknown>, param: string): InputFile {
   return {
     kind: "upload",
     bytes,
-    mime: mime || "application/octet-stream",
+    mime: mime || mimeOf(filename),
     filename,
     type: difyFileType(filename, mime),
   };
@@ -1679,7 +1699,7 @@ export function createServer(config: Config, deps: Deps) {
     if (!app) {
       throw new ApiError(
         404,
-        `The model \`${model}\` does not exist. Available: ${[...config.apps.keys()].join(", ")}`,
+        `The model ${preview(model)} does not exist. Available: ${[...config.apps.keys()].join(", ")}`,
         "invalid_request_error",
         "model_not_found",
         "model",
@@ -2144,7 +2164,13 @@ export function createServer(config: Config, deps: Deps) {
     const names = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
     if (!id) return jsonResponse(200, { object: "list", data: names.map(model) });
     if (config.catchAll || config.apps.has(id)) return jsonResponse(200, model(id));
-    throw new ApiError(404, `The model \`${id}\` does not exist`, "invalid_request_error", "model_not_found", "model");
+    throw new ApiError(
+      404,
+      `The model ${preview(id)} does not exist`,
+      "invalid_request_error",
+      "model_not_found",
+      "model",
+    );
   }
 
   return {
@@ -2500,7 +2526,8 @@ export async function main(rt: Runtime = currentRuntime()): Promise<void> {
     const stuck = new Promise<void>((resolve) => setTimeout(resolve, config.shutdownGraceMs + 1000));
     await Promise.race([served.shutdown().catch(() => {}), stuck]);
     clearTimeout(grace);
-    await conversations.flush();
+    // A store that hangs must not hold the exit: writes still pending after 5 s are given up.
+    await Promise.race([conversations.flush(), new Promise((resolve) => setTimeout(resolve, 5000))]);
     try {
       store.close();
     } catch { /* exiting anyway */ }
