@@ -2129,12 +2129,12 @@ export function createServer(config: Config, deps: Deps) {
       if (path === "/models" || path.startsWith("/models/")) {
         if (req.method !== "GET") throw methodNotAllowed("GET");
         await authenticate(req);
-        return models(decodeURIComponent(path.slice("/models/".length)));
+        return models(pathPart(path.slice("/models/".length)));
       }
       if (path.startsWith("/conversations/")) {
         if (req.method !== "DELETE") throw methodNotAllowed("DELETE");
         const { client } = await authenticate(req);
-        const user = decodeURIComponent(path.slice("/conversations/".length));
+        const user = pathPart(path.slice("/conversations/".length));
         const scopes = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
         await Promise.all(scopes.map((scope) => deps.store.delete(storeKeys.user(client, scope, user))));
         return jsonResponse(200, { object: "conversation.deleted", user, deleted: true });
@@ -2184,6 +2184,15 @@ export function createServer(config: Config, deps: Deps) {
       for (const ex of watchdog.exchanges) ex.abort(reason);
     },
   };
+}
+
+/** A percent-encoded path segment; malformed encoding is the client's 400, not a 500. */
+function pathPart(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw badRequest(`malformed percent-encoding in the path: ${preview(segment)}`);
+  }
 }
 
 function methodNotAllowed(allowed: string): ApiError {

@@ -27,60 +27,33 @@ import {
 } from "./main.ts";
 import { type FakeDify, readErrorsJson, readFixture, startFakeDify } from "./bench/fake_dify.ts";
 import {
+  answerOf,
   assistant,
   type Bridge,
-  type BridgeOptions,
+  BrokenStore,
   bunAvailable,
+  closedPort,
+  fixtureEvents,
   MAIN,
   openai,
   type ProcessBridge,
   rawChat,
   ROOT,
+  sleep,
   sseData,
   startBridge,
   startProcess,
+  startRig,
   streamText,
+  test,
+  until,
+  usageOf,
   user,
+  withBridge,
 } from "./bench/test_util.ts";
 
 /** Real OpenClaw 2026.9.6 request bodies, in shared/ beside the repo. */
 const OPENCLAW_WIRE = new URL("../shared/openclaw-wire/", import.meta.url);
-
-const test = (name: string, fn: () => Promise<void> | void) =>
-  Deno.test({ name, sanitizeResources: false, sanitizeOps: false, fn });
-
-/** The answer text a fixture carries: its `message` / `agent_message` deltas joined. */
-async function fixtureAnswer(name: string): Promise<string> {
-  const text = new TextDecoder().decode(await readFixture(`${name}.sse`));
-  return text.split("\n").filter((l) => l.startsWith("data: ")).map((l) => JSON.parse(l.slice(6)))
-    .filter((e) => e.event === "message" || e.event === "agent_message").map((e) => e.answer).join("");
-}
-
-async function fixtureUsage(name: string) {
-  const text = new TextDecoder().decode(await readFixture(`${name}.sse`));
-  const end = text.split("\n").filter((l) => l.startsWith("data: ")).map((l) => JSON.parse(l.slice(6)))
-    .find((e) => e.event === "message_end");
-  const u = end.metadata.usage;
-  return { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens };
-}
-
-/** A fake Dify and a bridge in front of it, closed after `fn`. */
-async function withBridge(
-  env: Record<string, string>,
-  fn: (
-    ctx: { dify: Awaited<ReturnType<typeof startFakeDify>>; bridge: Awaited<ReturnType<typeof startBridge>> },
-  ) => Promise<void>,
-  difyOptions: Parameters<typeof startFakeDify>[0] = {},
-) {
-  const dify = await startFakeDify(difyOptions);
-  const bridge = await startBridge({ DIFY_API_URL: dify.url, DIFY_API_KEY: "app-chat", ...env });
-  try {
-    await fn({ dify, bridge });
-  } finally {
-    await bridge.close();
-    await dify.close();
-  }
-}
 
 // ─── Configuration ──────────────────────────────────────────────────────────────────────────────
 
@@ -257,8 +230,8 @@ test("bridge: streaming through the openai SDK — content, one id, role first, 
       messages: [user("fixture:chat_basic")],
       stream_options: { include_usage: true },
     });
-    assert.equal(content, await fixtureAnswer("chat_basic"));
-    assert.deepEqual(usage, await fixtureUsage("chat_basic"));
+    assert.equal(content, answerOf(await fixtureEvents("chat_basic")));
+    assert.deepEqual(usage, usageOf(await fixtureEvents("chat_basic")));
     assert.equal(new Set(chunks.map((c) => c.id)).size, 1);
     assert.ok(chunks.every((c) => c.object === "chat.completion.chunk" && c.model === "whatever-name"));
     const roles = chunks.filter((c) => (c.choices as { delta: { role?: string } }[])[0]?.delta?.role);
@@ -288,14 +261,14 @@ test("bridge: stream: false aggregates the same events into one chat.completion"
     assert.equal(r.object, "chat.completion");
     assert.equal(r.choices.length, 1);
     assert.equal(r.choices[0].message.role, "assistant");
-    assert.equal(r.choices[0].message.content, await fixtureAnswer("chat_basic"));
+    assert.equal(r.choices[0].message.content, answerOf(await fixtureEvents("chat_basic")));
     assert.equal(r.choices[0].finish_reason, "stop");
-    assert.deepEqual(r.usage, await fixtureUsage("chat_basic"));
+    assert.deepEqual(r.usage, usageOf(await fixtureEvents("chat_basic")));
   });
 });
 
 test("bridge: old Dify's escaped JSON and new Dify's raw UTF-8 give the same text, split anywhere", async () => {
-  const expected = await fixtureAnswer("unicode_split");
+  const expected = answerOf(await fixtureEvents("unicode_split"));
   assert.ok(/[\u{1F000}-\u{1FFFF}]/u.test(expected));
   for (const sliceBytes of [undefined, 7]) {
     await withBridge({}, async ({ bridge }) => {
@@ -303,7 +276,7 @@ test("bridge: old Dify's escaped JSON and new Dify's raw UTF-8 give the same tex
         const { content } = await streamText(bridge.client(), { model: "dify", messages: [user(`fixture:${name}`)] });
         assert.equal(content, expected, `${name}, slices of ${sliceBytes}`);
       }
-    }, { sliceBytes });
+    }, { dify: { sliceBytes } });
   }
 });
 
@@ -312,7 +285,7 @@ test("bridge: generated streams in legacy encoding, with CRLF line ends and an i
     const r = await bridge.client().chat.completions.create({ model: "dify", messages: [user("héllo 😀 wörld")] });
     assert.match(r.choices[0].message.content ?? "", /^Turn 1 of [0-9a-f]{8}: héllo 😀 wörld$/);
     assert.equal(dify.lastBody().query, "héllo 😀 wörld");
-  }, { legacy: true, crlf: true, pingFirst: true });
+  }, { dify: { legacy: true, crlf: true, pingFirst: true } });
 });
 
 test("bridge: Dify's ping becomes an SSE comment; other events are skipped", async () => {
@@ -322,9 +295,9 @@ test("bridge: Dify's ping becomes an SSE comment; other events are skipped", asy
     assert.equal((res.text.match(/^: ping$/gm) ?? []).length, 3);
     const content = sseData(res.text).filter((d) => typeof d === "object")
       .map((d) => ((d as { choices: { delta: { content?: string } }[] }).choices[0]?.delta?.content ?? "")).join("");
-    assert.equal(content, await fixtureAnswer("ping_keepalive"));
+    assert.equal(content, answerOf(await fixtureEvents("ping_keepalive")));
     const tts = await streamText(bridge.client(), { model: "dify", messages: [user("fixture:tts_autoplay")] });
-    assert.equal(tts.content, await fixtureAnswer("tts_autoplay"));
+    assert.equal(tts.content, answerOf(await fixtureEvents("tts_autoplay")));
   });
 });
 
@@ -390,7 +363,7 @@ test("bridge: an error mid-stream is a final error frame, raised by the SDK, aft
       (d as { choices: { delta: { content?: string } }[] }).choices[0].delta.content ?? ""
     )
       .join("");
-    assert.equal(partial, await fixtureAnswer("error_midstream"));
+    assert.equal(partial, answerOf(await fixtureEvents("error_midstream")));
     let seen = "";
     await assert.rejects(async () => {
       const stream = await bridge.client().chat.completions.create({
@@ -542,7 +515,7 @@ test("bridge: a Dify call that goes silent past UPSTREAM_IDLE_SECONDS ends with 
     });
     const last = sseData(res.text).at(-1) as { error: { code: string } };
     assert.equal(last.error.code, "upstream_idle_timeout");
-    for (let i = 0; i < 100 && !dify.stops.length; i++) await new Promise((r) => setTimeout(r, 20));
+    await until(() => dify.stops.length > 0, 2_000);
     assert.equal(dify.stops.length, 1);
     assert.equal(dify.stops[0].user, "ida");
     assert.equal(dify.stops[0].path, `/chat-messages/${dify.stops[0].taskId}/stop`);
@@ -554,34 +527,6 @@ test("bridge: a Dify call that goes silent past UPSTREAM_IDLE_SECONDS ends with 
 // ─── helpers ────────────────────────────────────────────────────────────────────────────────────
 
 type ConvMessage = { role: string; content: unknown };
-
-interface ConvRig {
-  fake: FakeDify;
-  bridge: Bridge;
-  client: OpenAI;
-  close(): Promise<void>;
-}
-
-/** A fake Dify (chat app) and a bridge in front of it. */
-async function convRig(env: Record<string, string> = {}, opts: BridgeOptions = {}): Promise<ConvRig> {
-  const fake = await startFakeDify();
-  let bridge: Bridge;
-  try {
-    bridge = await startBridge({ DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat", ...env }, opts);
-  } catch (e) {
-    await fake.close();
-    throw e;
-  }
-  return {
-    fake,
-    bridge,
-    client: bridge.client(),
-    async close() {
-      await bridge.close();
-      await fake.close();
-    },
-  };
-}
 
 /** `Turn <n> of <conv8>: …` → n and conv8 (throws on any other answer). */
 function convTurnOf(answer: string): { n: number; conv: string } {
@@ -646,8 +591,6 @@ function convHolding(fake: FakeDify, text: string): string[] {
   return [...fake.conversations.values()].filter((c) => c.turns.some((t) => t.query.includes(text))).map((c) => c.id);
 }
 
-const convSleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
 /** Deno KV on a fresh temporary file, for restarts and scale-out. */
 async function convTempKv(): Promise<{ path: string; remove(): Promise<void> }> {
   const dir = await Deno.makeTempDir({ prefix: "conv_kv_" });
@@ -658,7 +601,7 @@ async function convTempKv(): Promise<{ path: string; remove(): Promise<void> }> 
 async function convDurable(path: string, turns: number): Promise<void> {
   const kv = await Deno.openKv(path);
   try {
-    for (const deadline = Date.now() + 10_000; Date.now() < deadline; await convSleep(5)) {
+    for (const deadline = Date.now() + 10_000; Date.now() < deadline; await sleep(5)) {
       let n = 0;
       for await (const _ of kv.list({ prefix: ["fp"] })) n++;
       if (n >= turns) return;
@@ -671,7 +614,7 @@ async function convDurable(path: string, turns: number): Promise<void> {
 
 /** Runs a three-turn chat and checks every turn continued one Dify conversation with only the new text. */
 async function convThreeTurns(stream: boolean) {
-  const rig = await convRig();
+  const rig = await startRig();
   try {
     const chat = new ConvChat(rig.client, { stream, extra: { user: "alice" } });
     const a1 = await chat.say("first question");
@@ -715,7 +658,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       const chats = Array.from({ length: 8 }, (_, i) => new ConvChat(rig.client, { stream: i % 2 === 0 }));
       const convs: string[][] = chats.map(() => []);
@@ -746,7 +689,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       const a = new ConvChat(rig.client, { extra: { user: "same-person" } });
       const b = new ConvChat(rig.client, { extra: { user: "same-person" } });
@@ -770,7 +713,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       const chat = new ConvChat(rig.client, { system: "You are terse." });
       await chat.say("what is 2+2?");
@@ -794,7 +737,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig({ DEFAULT_USER: "fallback-user" });
+    const rig = await startRig({ DEFAULT_USER: "fallback-user" });
     try {
       const chat = new ConvChat(rig.client);
       await chat.say("one", { user: "alice" });
@@ -818,7 +761,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       for (const stream of [false, true]) {
         const res = await rawChat(rig.bridge.url, { model: "dify", messages: [user(`header ${stream}`)], stream });
@@ -846,7 +789,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       const chat = new ConvChat(rig.client);
       const a1 = await chat.say("tell me a story");
@@ -883,7 +826,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       // `fault:huge_line:24` makes the fake answer 24 × "x" in a real conversation: both chats get
       // byte-identical first exchanges, like "hi" → "Hello! How can I help?".
@@ -921,7 +864,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       const chat = new ConvChat(rig.client, { system: "Current date: 2026-11-24" });
       const a1 = convTurnOf((await chat.say("remember the number 7")).content);
@@ -950,7 +893,7 @@ for (const mode of ["prepend", "inputs", "drop"] as const) {
     sanitizeResources: false,
     sanitizeOps: false,
     async fn() {
-      const rig = await convRig({ SYSTEM_PROMPT: mode });
+      const rig = await startRig({ SYSTEM_PROMPT: mode });
       try {
         const chat = new ConvChat(rig.client, { system: "Speak like a pirate." });
         await chat.say("hello there");
@@ -979,7 +922,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       const chat = new ConvChat(rig.client, { stream: true, extra: { user: "alice" } });
       const a1 = await chat.say("my name is Ada");
@@ -1098,7 +1041,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       const ways: [string, (id: string) => { extra?: Record<string, unknown>; headers?: Record<string, string> }][] = [
         ["X-Session-Id", (id) => ({ headers: { "X-Session-Id": id } })],
@@ -1136,7 +1079,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       const start = await convAsk(rig.client, [user("start")], { extra: { user: "alice" } });
       const id = start.conversationId!;
@@ -1184,7 +1127,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig({ CONVERSATION_MODE: "user" });
+    const rig = await startRig({ CONVERSATION_MODE: "user" });
     try {
       const ask = (who: string, text: string, stream = false) =>
         convAsk(rig.client, [user(text)], { stream, extra: { user: who } });
@@ -1217,7 +1160,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig({ CONVERSATION_MODE: "user", PROXY_API_KEYS: "key-one,key-two" });
+    const rig = await startRig({ CONVERSATION_MODE: "user", PROXY_API_KEYS: "key-one,key-two" });
     try {
       const one = rig.bridge.client("key-one");
       const ask = async (text: string) =>
@@ -1250,7 +1193,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig({ CONVERSATION_MODE: "off" });
+    const rig = await startRig({ CONVERSATION_MODE: "off" });
     try {
       const chat = new ConvChat(rig.client, { extra: { user: "erin" } });
       const answers = [await chat.say("one"), await chat.say("two"), await chat.say("three")];
@@ -1273,7 +1216,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig();
+    const rig = await startRig();
     try {
       // Identical answers (fault:huge_line) make the two clients' requests byte-identical.
       const a = new ConvChat(rig.bridge.client("sk-client-a"), { extra: { user: "shared" } });
@@ -1300,7 +1243,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const rig = await convRig({ DIFY_APPS: JSON.stringify({ one: "app-chat", two: "app-chat" }) });
+    const rig = await startRig({ DIFY_APPS: JSON.stringify({ one: "app-chat", two: "app-chat" }) });
     try {
       const messages: ConvMessage[] = [user("hello")];
       const a1 = await convAsk(rig.client, messages, { extra: { model: "one" } });
@@ -1324,7 +1267,7 @@ class ConvSlowStore implements Store {
   writes = 0;
   constructor(private inner: Store, private delayMs: (n: number, op: string) => number) {}
   private wait(op = "set") {
-    return convSleep(this.delayMs(this.writes++, op));
+    return sleep(this.delayMs(this.writes++, op));
   }
   get<T>(key: string[]) {
     return this.inner.get<T>(key);
@@ -1361,7 +1304,7 @@ Deno.test({
     for (const [what, late, delay] of stores) {
       const kv = new DenoKvStore(await Deno.openKv(":memory:"));
       const slow = new ConvSlowStore(kv, delay);
-      const rig = await convRig({}, { store: slow });
+      const rig = await startRig({}, { store: slow });
       try {
         for (const stream of [true, false]) {
           slow.writes = 0;
@@ -1369,7 +1312,7 @@ Deno.test({
           const turns = [];
           for (let i = 1; i <= 4; i++) turns.push(convTurnOf((await chat.say(`instant ${i}`)).content));
           // A later turn, once every late write has landed.
-          await convSleep(late + 50);
+          await sleep(late + 50);
           turns.push(convTurnOf((await chat.say("later")).content));
           assert.deepEqual(turns.map((t) => t.n), [1, 2, 3, 4, 5], `${what}, stream ${stream}`);
           assert.equal(new Set(turns.map((t) => t.conv)).size, 1);
@@ -1389,7 +1332,7 @@ Deno.test({
     const kv = new DenoKvStore(await Deno.openKv(":memory:"));
     // Mapping writes take 100 ms to land; deletes land at once.
     const slow = new ConvSlowStore(kv, (_n, op) => op === "delete" ? 0 : 100);
-    const rig = await convRig({ CONVERSATION_MODE: "user" }, { store: slow });
+    const rig = await startRig({ CONVERSATION_MODE: "user" }, { store: slow });
     try {
       const ask = async (text: string) =>
         convTurnOf((await convAsk(rig.client, [user(text)], { stream: true, extra: { user: "fay" } })).content);
@@ -1400,7 +1343,7 @@ Deno.test({
       });
       assert.equal(del.status, 200);
       await del.body?.cancel();
-      await convSleep(200);
+      await sleep(200);
       const next = await ask("f2");
       assert.equal(next.n, 1, "the deleted conversation stays deleted");
       assert.notEqual(next.conv, first.conv);
@@ -1409,33 +1352,6 @@ Deno.test({
     }
   },
 });
-
-/** A store that fails every call: synchronously (a broken driver) or as a rejected promise. */
-class ConvBrokenStore implements Store {
-  calls = 0;
-  constructor(private sync: boolean) {}
-  private fail(): never {
-    this.calls++;
-    throw new Error("store is down");
-  }
-  private op<T>(): Promise<T> {
-    if (this.sync) this.fail();
-    return Promise.resolve().then(() => this.fail());
-  }
-  get<T>(): Promise<T | null> {
-    return this.op();
-  }
-  set(): Promise<void> {
-    return this.op();
-  }
-  setIf(): Promise<boolean> {
-    return this.op();
-  }
-  delete(): Promise<void> {
-    return this.op();
-  }
-  close() {}
-}
 
 for (const sync of [false, true]) {
   Deno.test({
@@ -1446,8 +1362,8 @@ for (const sync of [false, true]) {
     sanitizeOps: false,
     async fn() {
       for (const mode of ["history", "user"]) {
-        const store = new ConvBrokenStore(sync);
-        const rig = await convRig({ CONVERSATION_MODE: mode }, { store });
+        const store = new BrokenStore(sync);
+        const rig = await startRig({ CONVERSATION_MODE: mode }, { store });
         try {
           const run = async () => {
             const chat = new ConvChat(rig.client, { extra: { user: "u" } });
@@ -1467,7 +1383,7 @@ for (const sync of [false, true]) {
           };
           await run();
           // Let the unawaited writes fail, then count the warnings.
-          await convSleep(20);
+          await sleep(20);
           const warnings = rig.bridge.warnings.length;
           assert.ok(warnings >= 2 && warnings <= 3, `one warning per failure kind: ${rig.bridge.warnings.join(" | ")}`);
           for (const kind of ["read", "write", "delete"]) {
@@ -1477,7 +1393,7 @@ for (const sync of [false, true]) {
           assert.ok(rig.bridge.warnings.some((w) => w.includes("store write:")));
           const calls = store.calls;
           await run();
-          await convSleep(20);
+          await sleep(20);
           assert.ok(store.calls > calls, "the store is still tried");
           assert.equal(rig.bridge.warnings.length, warnings, "no new warnings for the same failures");
         } finally {
@@ -1491,7 +1407,7 @@ for (const sync of [false, true]) {
 // ─── OpenClaw ───────────────────────────────────────────────────────────────────────────────────
 
 async function convOpenClaw(prefix: "telegram" | "cli", difyUser: string) {
-  const rig = await convRig();
+  const rig = await startRig();
   try {
     const turn1 = JSON.parse(await Deno.readTextFile(new URL(`${prefix}-turn1.json`, OPENCLAW_WIRE)));
     const turn2 = JSON.parse(await Deno.readTextFile(new URL(`${prefix}-turn2.json`, OPENCLAW_WIRE)));
@@ -1544,67 +1460,8 @@ Deno.test({
 
 const contentDecoder = new TextDecoder();
 
-interface ContentEnv {
-  fake: FakeDify;
-  bridge: Bridge;
-  client: OpenAI;
-  close(): Promise<void>;
-}
-
-/** A fake Dify and a bridge in front of it; `env` adds to (or overrides) DIFY_API_URL/DIFY_API_KEY. */
-async function contentSetup(
-  env: Record<string, string> = {},
-  fakeOpts: Parameters<typeof startFakeDify>[0] = {},
-): Promise<ContentEnv> {
-  const fake = await startFakeDify(fakeOpts);
-  let bridge: Bridge;
-  try {
-    bridge = await startBridge({ DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat", ...env });
-  } catch (e) {
-    await fake.close();
-    throw e;
-  }
-  return {
-    fake,
-    bridge,
-    client: bridge.client(),
-    async close() {
-      await bridge.close();
-      await fake.close();
-    },
-  };
-}
-
-/** A fixture's parsed `data:` events. */
-async function contentFixtureEvents(name: string): Promise<Record<string, unknown>[]> {
-  const text = contentDecoder.decode(await readFixture(`${name}.sse`));
-  return text.split("\n").filter((l) => l.startsWith("data: ")).map((l) => JSON.parse(l.slice(6)));
-}
-
-/** The answer text a chat-family fixture carries: its message / agent_message / message_file answers. */
-function contentAnswerOf(events: Record<string, unknown>[]): string {
-  return events
-    .filter((e) => ["message", "agent_message", "message_file"].includes(String(e.event)))
-    .map((e) => typeof e.answer === "string" ? e.answer : "")
-    .join("");
-}
-
-function contentUsageOf(events: Record<string, unknown>[]): number {
-  const end = events.find((e) => e.event === "message_end") as { metadata: { usage: { total_tokens: number } } };
-  return end.metadata.usage.total_tokens;
-}
-
 function contentCount(haystack: string, needle: string): number {
   return needle ? haystack.split(needle).length - 1 : 0;
-}
-
-/** Polls until `check` is true (or fails after `ms`). */
-async function contentUntil(check: () => boolean, what: string, ms = 5000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 /** A Dify stand-in that answers every POST with the SSE text `respond` returns, recording bodies. */
@@ -1676,7 +1533,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({
+    const env = await startRig({
       DIFY_API_KEY: "",
       DIFY_APPS: JSON.stringify({
         wf: { key: "app-workflow", type: "workflow" },
@@ -1713,7 +1570,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "app-workflow" });
+    const env = await startRig({ DIFY_API_KEY: "app-workflow" });
     try {
       // Concurrent first requests share one detection.
       const first = await Promise.all(
@@ -1761,7 +1618,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({
+    const env = await startRig({
       DIFY_API_KEY: "",
       DIFY_APPS: JSON.stringify({
         wf: { key: "app-workflow", type: "workflow" },
@@ -1784,7 +1641,7 @@ Deno.test({
       assert.equal(body.inputs.query, undefined);
 
       // The recorded fixture: text_chunks are the answer, workflow_finished is not repeated.
-      const events = await contentFixtureEvents("workflow_run");
+      const events = await fixtureEvents("workflow_run");
       const chunks = events.filter((e) => e.event === "text_chunk").map((e) => (e.data as { text: string }).text)
         .join("");
       const total = (events.find((e) => e.event === "workflow_finished")!.data as { total_tokens: number })
@@ -1812,7 +1669,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({
+    const env = await startRig({
       DIFY_API_KEY: "",
       DIFY_APPS: JSON.stringify({
         wf: { key: "app-workflow", type: "workflow" },
@@ -1847,8 +1704,8 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "app-workflow" });
-    const events = await contentFixtureEvents("workflow_run_failed");
+    const env = await startRig({ DIFY_API_KEY: "app-workflow" });
+    const events = await fixtureEvents("workflow_run_failed");
     const reason = String((events.find((e) => e.event === "workflow_finished")!.data as { error: string }).error);
     try {
       const body = { model: "dify", messages: [user("fixture:workflow_run_failed")] };
@@ -1908,7 +1765,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "app-completion" });
+    const env = await startRig({ DIFY_API_KEY: "app-completion" });
     try {
       const r = await env.client.chat.completions.create({
         model: "dify",
@@ -1920,14 +1777,14 @@ Deno.test({
       assert.equal(body.inputs.query, "translate this");
       assert.equal(body.user, "u-7");
       assert.equal(body.conversation_id, undefined);
-      const events = await contentFixtureEvents("completion_basic");
+      const events = await fixtureEvents("completion_basic");
       const s = await streamText(env.client, {
         model: "dify",
         messages: [user("fixture:completion_basic")],
         stream_options: { include_usage: true },
       });
-      assert.equal(s.content, contentAnswerOf(events));
-      assert.equal(s.usage?.total_tokens, contentUsageOf(events));
+      assert.equal(s.content, answerOf(events));
+      assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens);
     } finally {
       await env.close();
     }
@@ -1941,11 +1798,11 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "app-chatflow" });
+    const env = await startRig({ DIFY_API_KEY: "app-chatflow" });
     try {
       for (const fixture of ["chatflow", "chatflow_pre113_order"]) {
-        const events = await contentFixtureEvents(fixture);
-        const expected = contentAnswerOf(events);
+        const events = await fixtureEvents(fixture);
+        const expected = answerOf(events);
         const s = await streamText(env.client, {
           model: "dify",
           messages: [user(`fixture:${fixture}`)],
@@ -1953,13 +1810,13 @@ Deno.test({
         });
         assert.equal(s.content, expected, fixture);
         assert.equal(s.reasoning, "", "no node progress without REASONING_NODES");
-        assert.equal(s.usage?.total_tokens, contentUsageOf(events), fixture);
+        assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens, fixture);
         const r = await env.client.chat.completions.create({
           model: "dify",
           messages: [user(`fixture:${fixture}`)] as never,
         });
         assert.equal(r.choices[0].message.content, expected, fixture);
-        assert.equal(r.usage?.total_tokens, contentUsageOf(events));
+        assert.equal(r.usage?.total_tokens, usageOf(events).total_tokens);
       }
     } finally {
       await env.close();
@@ -1987,7 +1844,7 @@ Deno.test({
     };
     const mini = await contentMiniDify((_path, body) => variants[String(body.query)]);
     const bridge = await startBridge({ DIFY_API_URL: mini.url, DIFY_API_KEY: "app-flow", CONVERSATION_MODE: "off" });
-    const events = await contentFixtureEvents("chatflow");
+    const events = await fixtureEvents("chatflow");
     const workflowTotal = (events.find((e) => e.event === "workflow_finished")!.data as { total_tokens: number })
       .total_tokens;
     try {
@@ -2003,9 +1860,9 @@ Deno.test({
         assert.equal(r.usage?.total_tokens, s.usage?.total_tokens, name);
         results[name] = { content: s.content, total: s.usage?.total_tokens };
       }
-      assert.equal(results.modern.content, contentAnswerOf(events));
+      assert.equal(results.modern.content, answerOf(events));
       assert.deepEqual(results.legacy, results.modern);
-      assert.equal(results.modern.total, contentUsageOf(events));
+      assert.equal(results.modern.total, usageOf(events).total_tokens);
       assert.equal(results.no_message_end.content, results.modern.content);
       assert.equal(results.no_message_end.total, workflowTotal, "without message_end: the workflow's total_tokens");
     } finally {
@@ -2020,8 +1877,8 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "app-chatflow" });
-    const events = await contentFixtureEvents("chatflow_failed");
+    const env = await startRig({ DIFY_API_KEY: "app-chatflow" });
+    const events = await fixtureEvents("chatflow_failed");
     try {
       const body = { model: "dify", messages: [user("fixture:chatflow_failed")] };
       const plain = await rawChat(env.bridge.url, body);
@@ -2031,7 +1888,7 @@ Deno.test({
       // The message chunks come before the failure: the stream has started, the error is its last frame.
       assert.equal(streamed.status, 200);
       const read = contentRead(streamed.text);
-      assert.equal(read.content, contentAnswerOf(events), "only the message text, no node events");
+      assert.equal(read.content, answerOf(events), "only the message text, no node events");
       assert.ok(read.last.error, "ends with an error frame");
       assert.ok(!read.done);
     } finally {
@@ -2045,13 +1902,13 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "app-chatflow", REASONING_NODES: "1" });
+    const env = await startRig({ DIFY_API_KEY: "app-chatflow", REASONING_NODES: "1" });
     try {
-      const events = await contentFixtureEvents("chatflow");
+      const events = await fixtureEvents("chatflow");
       const titles = events.filter((e) => e.event === "node_started").map((e) => (e.data as { title: string }).title);
       assert.ok(titles.length >= 3);
       const s = await streamText(env.client, { model: "dify", messages: [user("fixture:chatflow")] });
-      assert.equal(s.content, contentAnswerOf(events));
+      assert.equal(s.content, answerOf(events));
       for (const title of titles) assert.ok(s.reasoning.includes(title), `reasoning names node ${title}`);
       for (const title of titles) assert.ok(!s.content.includes(title));
       const r = await env.client.chat.completions.create({
@@ -2059,7 +1916,7 @@ Deno.test({
         messages: [user("fixture:chatflow")] as never,
       });
       const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
-      assert.equal(message.content, contentAnswerOf(events));
+      assert.equal(message.content, answerOf(events));
       assert.equal(message.reasoning_content, s.reasoning);
     } finally {
       await env.close();
@@ -2080,7 +1937,7 @@ Deno.test({
       return new Response(new Uint8Array([0x89, 0x50, 0x4e, 0x47]), { headers: { "content-type": "image/png" } });
     });
     const base = `http://127.0.0.1:${images.addr.port}`;
-    const env = await contentSetup();
+    const env = await startRig();
     try {
       const r = await env.client.chat.completions.create({
         model: "dify",
@@ -2111,7 +1968,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup();
+    const env = await startRig();
     const png = new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3, 250]);
     const dataUrl = `data:image/png;base64,${btoa(String.fromCharCode(...png))}`;
     try {
@@ -2149,7 +2006,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup();
+    const env = await startRig();
     const b64 = (s: string) => btoa(s);
     try {
       const parts = [
@@ -2204,7 +2061,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup();
+    const env = await startRig();
     try {
       const body = {
         model: "dify",
@@ -2246,7 +2103,7 @@ interface ContentThought {
 }
 
 async function contentAgentFixture() {
-  const events = await contentFixtureEvents("agent_with_thoughts");
+  const events = await fixtureEvents("agent_with_thoughts");
   const thoughts = events.filter((e) => e.event === "agent_thought") as unknown as ContentThought[];
   const tool = thoughts.find((t) => t.tool)!;
   const observed = thoughts.find((t) => t.observation)!;
@@ -2260,7 +2117,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "app-agent" });
+    const env = await startRig({ DIFY_API_KEY: "app-agent" });
     const { tool, observed, answer, fileUrl } = await contentAgentFixture();
     try {
       const s = await streamText(env.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
@@ -2302,7 +2159,7 @@ Deno.test({
   sanitizeOps: false,
   async fn() {
     const { tool, observed, answer } = await contentAgentFixture();
-    const think = await contentSetup({ DIFY_API_KEY: "app-agent", REASONING: "think" });
+    const think = await startRig({ DIFY_API_KEY: "app-agent", REASONING: "think" });
     try {
       const s = await streamText(think.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
       assert.equal(s.reasoning, "", "no reasoning_content in think mode");
@@ -2324,7 +2181,7 @@ Deno.test({
     } finally {
       await think.close();
     }
-    const off = await contentSetup({ DIFY_API_KEY: "app-agent", REASONING: "off" });
+    const off = await startRig({ DIFY_API_KEY: "app-agent", REASONING: "off" });
     try {
       const s = await streamText(off.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
       assert.equal(s.reasoning, "");
@@ -2399,11 +2256,11 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup();
+    const env = await startRig();
     try {
       for (const fixture of ["vision_message_file_quirk", "annotation_reply", "tts_autoplay"]) {
-        const events = await contentFixtureEvents(fixture);
-        const expected = contentAnswerOf(events);
+        const events = await fixtureEvents(fixture);
+        const expected = answerOf(events);
         assert.ok(expected.length > 5, fixture);
         const s = await streamText(env.client, {
           model: "dify",
@@ -2411,7 +2268,7 @@ Deno.test({
           stream_options: { include_usage: true },
         });
         assert.equal(s.content, expected, fixture);
-        assert.equal(s.usage?.total_tokens, contentUsageOf(events), fixture);
+        assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens, fixture);
         const r = await env.client.chat.completions.create({
           model: "dify",
           messages: [user(`fixture:${fixture}`)] as never,
@@ -2419,7 +2276,7 @@ Deno.test({
         assert.equal(r.choices[0].message.content, expected, fixture);
       }
       // The TTS audio never leaks into the text.
-      const tts = await contentFixtureEvents("tts_autoplay");
+      const tts = await fixtureEvents("tts_autoplay");
       const audio = tts.filter((e) => e.event === "tts_message").map((e) => String(e.audio));
       const s = await streamText(env.client, { model: "dify", messages: [user("fixture:tts_autoplay")] });
       for (const a of audio) assert.ok(!s.content.includes(a.slice(0, 12)));
@@ -2437,8 +2294,8 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup();
-    const events = await contentFixtureEvents("moderation_replace");
+    const env = await startRig();
+    const events = await fixtureEvents("moderation_replace");
     const original = events.filter((e) => e.event === "message").map((e) => String(e.answer)).join("");
     const replacement = String(events.find((e) => e.event === "message_replace")!.answer);
     try {
@@ -2503,13 +2360,13 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const expected = contentAnswerOf(await contentFixtureEvents("unicode_split"));
-    assert.equal(contentAnswerOf(await contentFixtureEvents("unicode_split_legacy")), expected);
+    const expected = answerOf(await fixtureEvents("unicode_split"));
+    assert.equal(answerOf(await fixtureEvents("unicode_split_legacy")), expected);
     assert.ok(/[\u{1F000}-\u{1FFFF}]/u.test(expected), "the fixture has astral characters");
     // A one-byte slice costs a timer tick per byte in the fake: the sizes run side by side, and the
     // legacy fixture (all ASCII: \uXXXX escapes) only at a few sizes, since no code point can split.
     const one = async (sliceBytes: number) => {
-      const env = await contentSetup({}, sliceBytes ? { sliceBytes } : {});
+      const env = await startRig({}, { dify: sliceBytes ? { sliceBytes } : {} });
       try {
         const fixtures = [0, 3, 7].includes(sliceBytes) ? ["unicode_split", "unicode_split_legacy"] : ["unicode_split"];
         const runs = fixtures.map(async (fixture) => {
@@ -2545,7 +2402,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "", DIFY_APPS: CONTENT_APPS });
+    const env = await startRig({ DIFY_API_KEY: "", DIFY_APPS: CONTENT_APPS });
     try {
       const expected: Record<string, RegExp> = {
         chat: /^\/chat-messages\/([^/]+)\/stop$/,
@@ -2560,20 +2417,20 @@ Deno.test({
           user: who,
           messages: [user("tell me a long story fault:slow:50")],
         });
-        await contentUntil(() => env.fake.stops.length > 0, `${model} stop call`);
+        await until(() => env.fake.stops.length > 0, 5_000, `${model} stop call`);
         const [stop] = env.fake.stops;
         assert.match(stop.path, path, model);
         assert.equal(stop.user, who, `${model}: the stop call names the same user`);
         assert.match(stop.taskId, /^[0-9a-f-]{36}$/, "the task id Dify streamed");
         const run = env.fake.requests.find((q) => q.method === "POST" && !q.path.endsWith("/stop"))!;
         assert.equal(run.body.user, who);
-        await contentUntil(() => env.bridge.logs.length > 0, "the request's log line");
+        await until(() => env.bridge.logs.length > 0, 5_000, "the request's log line");
         const entry = JSON.parse(env.bridge.logs[env.bridge.logs.length - 1]);
         assert.equal(entry.status, 499, `${model}: logged as a client close`);
         env.bridge.logs.length = 0;
       }
       // Stopped: no second stop, and the bridge holds nothing open.
-      await new Promise((r) => setTimeout(r, 100));
+      await sleep(100);
       assert.equal(env.fake.stops.length, 1);
       const health = await fetch(env.bridge.url.replace(/\/v1$/, "/healthz")).then((r) => r.json());
       assert.equal(health.streams, 0);
@@ -2588,7 +2445,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ DIFY_API_KEY: "", DIFY_APPS: CONTENT_APPS });
+    const env = await startRig({ DIFY_API_KEY: "", DIFY_APPS: CONTENT_APPS });
     try {
       for (const model of ["chat", "workflow"]) {
         env.fake.reset();
@@ -2600,14 +2457,15 @@ Deno.test({
           signal: ac.signal,
         }).catch((e) => e);
         // Let Dify's first events (with the task id) reach the bridge, then leave.
-        await contentUntil(
+        await until(
           () => env.fake.requests.some((q) => q.path === "/chat-messages" || q.path === "/workflows/run"),
+          5_000,
           "the run",
         );
-        await new Promise((r) => setTimeout(r, 250));
+        await sleep(250);
         ac.abort();
         assert.ok((await pending) instanceof Error);
-        await contentUntil(() => env.fake.stops.length > 0, `${model} stop call`);
+        await until(() => env.fake.stops.length > 0, 5_000, `${model} stop call`);
         assert.equal(env.fake.stops[0].user, "quitter");
         assert.match(env.fake.stops[0].path, model === "chat" ? /^\/chat-messages\// : /^\/workflows\/tasks\//);
       }
@@ -2622,7 +2480,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ KEEPALIVE_SECONDS: "0.2" });
+    const env = await startRig({ KEEPALIVE_SECONDS: "0.2" });
     try {
       const r = await rawChat(env.bridge.url, {
         model: "dify",
@@ -2651,7 +2509,7 @@ Deno.test({
       });
       assert.equal(contentCount(p.text, ": ping\n\n"), pings, "each Dify ping becomes a `: ping` comment");
       assert.ok(!p.text.includes("event: ping"));
-      assert.equal(contentRead(p.text).content, contentAnswerOf(await contentFixtureEvents("ping_keepalive")));
+      assert.equal(contentRead(p.text).content, answerOf(await fixtureEvents("ping_keepalive")));
     } finally {
       await env.close();
     }
@@ -2663,7 +2521,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ UPSTREAM_TIMEOUT_SECONDS: "0.3", UPSTREAM_IDLE_SECONDS: "0.3" });
+    const env = await startRig({ UPSTREAM_TIMEOUT_SECONDS: "0.3", UPSTREAM_IDLE_SECONDS: "0.3" });
     try {
       for (const stream of [true, false]) {
         const r = await rawChat(env.bridge.url, {
@@ -2837,7 +2695,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ SYSTEM_PROMPT: "inputs" });
+    const env = await startRig({ SYSTEM_PROMPT: "inputs" });
     try {
       const expectations: Record<string, { query: RegExp; user: string }> = {
         "telegram-turn1": { query: /^hi there$/, user: "telegram:123456789" },
@@ -2914,7 +2772,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ SYSTEM_PROMPT: "inputs", ENVELOPE: "keep" });
+    const env = await startRig({ SYSTEM_PROMPT: "inputs", ENVELOPE: "keep" });
     try {
       const body = await contentWire("telegram-turn1");
       const raw = (body.messages as { role: string; content: unknown }[])[1].content as string;
@@ -2934,7 +2792,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   async fn() {
-    const env = await contentSetup({ CONVERSATION_MODE: "history", SYSTEM_PROMPT: "inputs" });
+    const env = await startRig({ CONVERSATION_MODE: "history", SYSTEM_PROMPT: "inputs" });
     const tools = [{
       type: "function",
       function: { name: "get_weather", description: "weather", parameters: { type: "object", properties: {} } },
@@ -3124,9 +2982,6 @@ Deno.test({
 
 // ═══ hardening ══════════════════════════════════════════════════════════════════════════════════
 
-const hardeningTest = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name: `hardening: ${name}`, sanitizeResources: false, sanitizeOps: false, fn });
-
 // ─── Helpers ────────────────────────────────────────────────────────────────────────────────────
 
 /** mulberry32: a small seeded PRNG, so a failing fuzz case reproduces from its seed and index. */
@@ -3174,14 +3029,6 @@ async function hardeningHealthy(bridgeUrl: string) {
   return body as { status: string; streams: number };
 }
 
-/** A port nobody listens on. */
-function hardeningClosedPort(): number {
-  const listener = Deno.listen({ port: 0, hostname: "127.0.0.1" });
-  const port = (listener.addr as Deno.NetAddr).port;
-  listener.close();
-  return port;
-}
-
 /** What a chat completion through the SDK came to: an answer, or the APIError it raised (and when). */
 async function hardeningSdk(client: OpenAI, body: Record<string, unknown>) {
   let content = "";
@@ -3205,22 +3052,6 @@ async function hardeningSdk(client: OpenAI, body: Record<string, unknown>) {
     return { content, error: e, midStream: false };
   }
   return { content, error: undefined, midStream: false };
-}
-
-async function hardeningWithBridge(
-  env: Record<string, string>,
-  fn: (dify: FakeDify, bridge: Bridge) => Promise<void>,
-  store?: Store,
-) {
-  const dify = await startFakeDify();
-  let bridge: Bridge | undefined;
-  try {
-    bridge = await startBridge({ DIFY_API_URL: dify.url, DIFY_API_KEY: "app-chat", ...env }, { store });
-    await fn(dify, bridge);
-  } finally {
-    await bridge?.close();
-    await dify.close();
-  }
 }
 
 // ─── Fuzz ───────────────────────────────────────────────────────────────────────────────────────
@@ -3486,8 +3317,8 @@ function hardeningFuzzBody(r: HardeningRng, hitUrl: string): string | Uint8Array
   }
 }
 
-hardeningTest(
-  "fuzz: thousands of random and mutated bodies get a 200 or an OpenAI-shaped 4xx, never a 500 or a hang",
+test(
+  "hardening: fuzz: thousands of random and mutated bodies get a 200 or an OpenAI-shaped 4xx, never a 500 or a hang",
   async () => {
     const SEED = 7_2026;
     const COUNT = 3000;
@@ -3505,7 +3336,7 @@ hardeningTest(
       comp: "app-completion",
     };
     try {
-      await hardeningWithBridge({ DIFY_API_KEY: "", DIFY_APPS: JSON.stringify(apps) }, async (dify, bridge) => {
+      await withBridge({ DIFY_API_KEY: "", DIFY_APPS: JSON.stringify(apps) }, async ({ dify, bridge }) => {
         const r = hardeningRng(SEED);
         const bodies = Array.from({ length: COUNT }, () => hardeningFuzzBody(r, hitUrl));
         const statuses = new Map<number, number>();
@@ -3564,10 +3395,10 @@ hardeningTest(
   },
 );
 
-hardeningTest(
-  "fuzz: prototype names are unknown roles and part types; deep or hostile values are never a 500",
+test(
+  "hardening: fuzz: prototype names are unknown roles and part types; deep or hostile values are never a 500",
   async () => {
-    await hardeningWithBridge({}, async (_dify, bridge) => {
+    await withBridge({}, async ({ bridge }) => {
       const deep = "[".repeat(10_000) + "]".repeat(10_000);
       const cases: [string, string][] = [
         ...["constructor", "__proto__", "toString", "hasOwnProperty", "valueOf", "robot"].map((
@@ -3614,10 +3445,10 @@ hardeningTest(
   },
 );
 
-hardeningTest("fuzz: huge pathological texts (envelope, <think>, timestamps) do not stall the server", async () => {
+test("hardening: fuzz: huge pathological texts (envelope, <think>, timestamps) do not stall the server", async () => {
   // Backtracking regexes (envelope timestamp and blocks, <think> stripping) once spent 15 s or more
   // of event-loop time on each of these, stalling every request; a stall shows as a timeout here.
-  await hardeningWithBridge({}, async (_dify, bridge) => {
+  await withBridge({}, async ({ bridge }) => {
     const texts = [
       "[" + "2026-01-01 10:00 ".repeat(40_000),
       "\nAb (untrusted metadata):\n```json\n".repeat(40_000),
@@ -3665,12 +3496,12 @@ async function hardeningRawHttp(port: number, head: string, body: string, waitMs
   }
 }
 
-hardeningTest(
-  "limits: oversized bodies (declared or chunked), slow bodies, too many messages, 10,000 parts",
+test(
+  "hardening: limits: oversized bodies (declared or chunked), slow bodies, too many messages, 10,000 parts",
   async () => {
-    await hardeningWithBridge(
+    await withBridge(
       { MAX_BODY_BYTES: "400000", BODY_TIMEOUT_SECONDS: "0.5", MAX_MESSAGES: "50" },
-      async (dify, bridge) => {
+      async ({ dify, bridge }) => {
         const big = JSON.stringify({ model: "dify", messages: [user("x".repeat(500_000))] });
         // With a Content-Length.
         const declared = await rawChat(bridge.url, big);
@@ -3729,14 +3560,14 @@ hardeningTest(
   },
 );
 
-hardeningTest(
-  "limits: MAX_CONCURRENT_STREAMS — past it a 503 with Retry-After; after release, requests work again",
+test(
+  "hardening: limits: MAX_CONCURRENT_STREAMS — past it a 503 with Retry-After; after release, requests work again",
   async () => {
-    await hardeningWithBridge({ MAX_CONCURRENT_STREAMS: "2" }, async (dify, bridge) => {
+    await withBridge({ MAX_CONCURRENT_STREAMS: "2" }, async ({ dify, bridge }) => {
       const held = [1, 2].map((i) =>
         rawChat(bridge.url, { model: "dify", stream: true, messages: [user(`held ${i} fault:hold`)] })
       );
-      for (let i = 0; i < 500 && dify.held() < 2; i++) await new Promise((r) => setTimeout(r, 10));
+      await until(() => dify.held() >= 2, 5_000);
       assert.equal(dify.held(), 2);
       assert.equal((await hardeningHealthy(bridge.url)).streams, 2);
       for (const stream of [true, false]) {
@@ -3801,12 +3632,12 @@ const HARDENING_FAULTS: HardeningFault[] = [
   { query: "fault:huge_line:5000000", answer: (c) => assert.ok(c.length === 5_000_000 && /^x+$/.test(c)) },
 ];
 
-hardeningTest(
-  "dify faults: every failure is a clear status or error frame the SDK raises, streaming and not",
+test(
+  "hardening: dify faults: every failure is a clear status or error frame the SDK raises, streaming and not",
   async () => {
-    await hardeningWithBridge(
+    await withBridge(
       { UPSTREAM_TIMEOUT_SECONDS: "0.5", UPSTREAM_IDLE_SECONDS: "0.5" },
-      async (_dify, bridge) => {
+      async ({ bridge }) => {
         const client = bridge.client();
         for (const f of HARDENING_FAULTS) {
           for (const stream of [true, false]) {
@@ -3853,8 +3684,8 @@ hardeningTest(
   },
 );
 
-hardeningTest(
-  "dify faults: split reads, CRLF and garbage lines keep the answer intact; a refused upload is a 400",
+test(
+  "hardening: dify faults: split reads, CRLF and garbage lines keep the answer intact; a refused upload is a 400",
   async () => {
     // Every 7 bytes a separate write: multi-byte characters and line ends split across reads.
     const dify = await startFakeDify({ sliceBytes: 7, crlf: true });
@@ -3900,10 +3731,10 @@ hardeningTest(
   },
 );
 
-hardeningTest(
-  "dify faults: a Dify that only pings still gets the response started; a client that leaves frees its slot",
+test(
+  "hardening: dify faults: a Dify that only pings still gets the response started; a client that leaves frees its slot",
   async () => {
-    await hardeningWithBridge({ KEEPALIVE_SECONDS: "0.1" }, async (dify, bridge) => {
+    await withBridge({ KEEPALIVE_SECONDS: "0.1" }, async ({ dify, bridge }) => {
       // Dify pings every 50 ms and says nothing: the keepalive still commits the response, so the
       // client sees headers and keepalive comments instead of waiting for a first byte.
       const pinging = await fetch(`${bridge.url}/chat/completions`, {
@@ -3927,19 +3758,19 @@ hardeningTest(
       const reader = slow.body!.getReader();
       await hardeningReadUntil(reader, "", (t) => t.includes('"content":"Turn"'));
       await reader.cancel();
-      for (let i = 0; i < 300 && !dify.stops.length; i++) await new Promise((r) => setTimeout(r, 10));
+      await until(() => dify.stops.length > 0, 3_000);
       assert.equal(dify.stops.length, 1);
       assert.ok(bridge.logs.some((l) => JSON.parse(l).error === "client_closed"));
     });
   },
 );
 
-hardeningTest(
-  "dify faults: unreachable Dify (refused, DNS) → 502; a pass-through key Dify rejects → 401/403",
+test(
+  "hardening: dify faults: unreachable Dify (refused, DNS) → 502; a pass-through key Dify rejects → 401/403",
   async () => {
     const dify = await startFakeDify();
     const bridges = await Promise.all([
-      startBridge({ DIFY_API_URL: `http://127.0.0.1:${hardeningClosedPort()}/v1`, DIFY_API_KEY: "app-chat" }),
+      startBridge({ DIFY_API_URL: `http://127.0.0.1:${closedPort()}/v1`, DIFY_API_KEY: "app-chat" }),
       startBridge({ DIFY_API_URL: "http://nonexistent.invalid/v1", DIFY_API_KEY: "app-chat" }),
       startBridge({ DIFY_API_URL: dify.url }),
     ]);
@@ -3991,12 +3822,12 @@ hardeningTest(
 
 // ─── Security ───────────────────────────────────────────────────────────────────────────────────
 
-hardeningTest(
-  "security: a wrong or missing client key is 401 on every route (incl. DELETE, /v1/models); the right one works",
+test(
+  "hardening: security: a wrong or missing client key is 401 on every route (incl. DELETE, /v1/models); the right one works",
   async () => {
     // Keys are compared as SHA-256 digests, every configured key, with no early exit (main.ts
     // `authenticate` / `sameBytes`): the time taken does not depend on how much of a key matched.
-    await hardeningWithBridge({ PROXY_API_KEYS: "sk-proxy-one, sk-proxy-two" }, async (dify, bridge) => {
+    await withBridge({ PROXY_API_KEYS: "sk-proxy-one, sk-proxy-two" }, async ({ dify, bridge }) => {
       const routes: [string, string, unknown?][] = [
         ["POST", "/v1/chat/completions", { model: "dify", messages: [user("hi")] }],
         ["POST", "/chat/completions", { model: "dify", messages: [user("hi")] }],
@@ -4047,13 +3878,13 @@ hardeningTest(
   },
 );
 
-hardeningTest(
-  "security: one client can never continue or delete another's conversation, same user and messages",
+test(
+  "hardening: security: one client can never continue or delete another's conversation, same user and messages",
   async () => {
     for (const mode of ["history", "user"]) {
-      await hardeningWithBridge(
+      await withBridge(
         { PROXY_API_KEYS: "sk-alice, sk-bob", CONVERSATION_MODE: mode },
-        async (dify, bridge) => {
+        async ({ dify, bridge }) => {
           const alice = bridge.client("sk-alice");
           const bob = bridge.client("sk-bob");
           const ask = async (client: OpenAI, messages: unknown[], headers: Record<string, string> = {}) => {
@@ -4134,11 +3965,11 @@ async function hardeningLeakWalk(base: string, proxyKey: string): Promise<string
   return seen;
 }
 
-hardeningTest(
-  "security: keys and tokens never reach logs, error messages or response headers (in-process and subprocess)",
+test(
+  "hardening: security: keys and tokens never reach logs, error messages or response headers (in-process and subprocess)",
   async () => {
     const dify = await startFakeDify();
-    const closed = hardeningClosedPort();
+    const closed = closedPort();
     const env = {
       DIFY_API_URL: dify.url,
       PROXY_API_KEYS: "sk-proxy-s3cr3t-1,sk-proxy-s3cr3t-2",
@@ -4173,7 +4004,7 @@ hardeningTest(
       await dify.close();
     }
     // Pass-through: the client's own Dify key, accepted or rejected, stays out of everything.
-    await hardeningWithBridge({ DIFY_API_KEY: "" }, async (dify, open) => {
+    await withBridge({ DIFY_API_KEY: "" }, async ({ dify, bridge: open }) => {
       const seen: string[] = [];
       for (
         const [key, query] of [["app-chat-s3cr3t-pass", "hi"], ["app-chat-s3cr3t-pass", "fault:status_401"], [
@@ -4197,7 +4028,7 @@ hardeningTest(
   },
 );
 
-hardeningTest("security: the server fetches no URL a client supplies (images, files, ids, inputs)", async () => {
+test("hardening: security: the server fetches no URL a client supplies (images, files, ids, inputs)", async () => {
   const hits: string[] = [];
   const target = Deno.serve({ port: 0, hostname: "127.0.0.1", onListen() {} }, (req) => {
     hits.push(req.url);
@@ -4205,9 +4036,9 @@ hardeningTest("security: the server fetches no URL a client supplies (images, fi
   });
   const url = `http://127.0.0.1:${target.addr.port}`;
   try {
-    await hardeningWithBridge(
+    await withBridge(
       { DIFY_APPS: JSON.stringify({ chat: "app-chat", wf: "app-workflow" }) },
-      async (dify, bridge) => {
+      async ({ dify, bridge }) => {
         for (const model of ["chat", "wf"]) {
           const res = await rawChat(bridge.url, {
             model,
@@ -4276,12 +4107,12 @@ async function hardeningRefuses(port: number): Promise<boolean> {
       if (e instanceof Deno.errors.ConnectionRefused) return true;
       throw e;
     }
-    await new Promise((r) => setTimeout(r, 10));
+    await sleep(10);
   }
   return false;
 }
 
-hardeningTest("lifecycle: SIGTERM mid-stream — the stream finishes, new connections are refused, exit 0", async () => {
+test("hardening: lifecycle: SIGTERM mid-stream — the stream finishes, new connections are refused, exit 0", async () => {
   const dify = await startFakeDify();
   const proc = await startProcess("deno", {
     DIFY_API_URL: dify.url,
@@ -4316,8 +4147,8 @@ hardeningTest("lifecycle: SIGTERM mid-stream — the stream finishes, new connec
   }
 });
 
-hardeningTest(
-  "lifecycle: a stream longer than SHUTDOWN_GRACE_SECONDS gets an error frame, and the process exits 0",
+test(
+  "hardening: lifecycle: a stream longer than SHUTDOWN_GRACE_SECONDS gets an error frame, and the process exits 0",
   async () => {
     const dify = await startFakeDify();
     const proc = await startProcess("deno", {
@@ -4349,7 +4180,7 @@ hardeningTest(
   },
 );
 
-hardeningTest("lifecycle: a client that stops reading does not keep the process from exiting", async () => {
+test("hardening: lifecycle: a client that stops reading does not keep the process from exiting", async () => {
   const dify = await startFakeDify();
   const proc = await startProcess("deno", {
     DIFY_API_URL: dify.url,
@@ -4363,9 +4194,7 @@ hardeningTest("lifecycle: a client that stops reading does not keep the process 
     await conn.write(new TextEncoder().encode(
       `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
     ));
-    for (let i = 0; i < 1000 && !proc.output().includes('"status":200'); i++) {
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await until(() => proc.output().includes('"status":200'), 20_000);
     assert.match(proc.output(), /"status":200/);
     proc.process.kill("SIGTERM");
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -4383,7 +4212,7 @@ hardeningTest("lifecycle: a client that stops reading does not keep the process 
   }
 });
 
-hardeningTest("lifecycle: a restart between two turns on the same KV file loses no conversation", async () => {
+test("hardening: lifecycle: a restart between two turns on the same KV file loses no conversation", async () => {
   const dify = await startFakeDify();
   const dir = await Deno.makeTempDir();
   const env = { DIFY_API_URL: dify.url, DIFY_API_KEY: "app-chat", KV_PATH: `${dir}/conversations.kv` };
@@ -4418,7 +4247,7 @@ hardeningTest("lifecycle: a restart between two turns on the same KV file loses 
   }
 });
 
-hardeningTest("lifecycle: invalid configuration stops start-up with exit code 1 and one line on stderr", async () => {
+test("hardening: lifecycle: invalid configuration stops start-up with exit code 1 and one line on stderr", async () => {
   const cases: [Record<string, string>, RegExp][] = [
     [{ DIFY_APPS: '{"a": "app-1",' }, /DIFY_APPS is not valid JSON/],
     [{ DIFY_APPS: '{"a": 42}' }, /DIFY_APPS\["a"\]/],
@@ -4452,40 +4281,12 @@ hardeningTest("lifecycle: invalid configuration stops start-up with exit code 1 
 
 // ─── A failing store ────────────────────────────────────────────────────────────────────────────
 
-/** A Store whose every method fails, synchronously (like bun:sqlite) or as a rejected promise (like KV). */
-class HardeningBrokenStore implements Store {
-  calls = 0;
-  constructor(private sync: boolean) {}
-  #fail(op: string): never | Promise<never> {
-    this.calls++;
-    const e = new Error(`${op}: the database is on fire`);
-    if (this.sync) throw e;
-    return Promise.reject(e);
-  }
-  get<T>(): Promise<T | null> {
-    return this.#fail("get") as Promise<never>;
-  }
-  set(): Promise<void> {
-    return this.#fail("set") as Promise<never>;
-  }
-  setIf(): Promise<boolean> {
-    return this.#fail("setIf") as Promise<never>;
-  }
-  delete(): Promise<void> {
-    return this.#fail("delete") as Promise<never>;
-  }
-  close(): void {
-    this.calls++;
-    throw new Error("close: the database is on fire");
-  }
-}
-
-hardeningTest(
-  "kv failing: every store call throws — requests still answer as new conversations, one warning per kind",
+test(
+  "hardening: kv failing: every store call throws — requests still answer as new conversations, one warning per kind",
   async () => {
     for (const sync of [true, false]) {
       for (const mode of ["history", "user"]) {
-        const store = new HardeningBrokenStore(sync);
+        const store = new BrokenStore(sync);
         const dify = await startFakeDify();
         const bridge = await startBridge(
           { DIFY_API_URL: dify.url, DIFY_API_KEY: "app-chat", CONVERSATION_MODE: mode },
@@ -4523,7 +4324,7 @@ hardeningTest(
           await del.body?.cancel();
           assert.ok(store.calls >= 6, `${what}: the store was barely used (${store.calls} calls)`);
           // Each kind of failure is reported once, however many requests hit it.
-          await new Promise((r) => setTimeout(r, 50));
+          await sleep(50);
           const storeWarnings = bridge.warnings.filter((w) => w.includes("conversation store"));
           assert.deepEqual(bridge.warnings, storeWarnings, what);
           assert.equal(new Set(storeWarnings.map((w) => w.split(":")[0] + w.split(":")[1])).size, storeWarnings.length);
@@ -4597,17 +4398,6 @@ async function runtimesWith(
   }
 }
 
-async function runtimesFixture(name: string) {
-  const text = new TextDecoder().decode(await readFixture(`${name}.sse`));
-  const events = text.split("\n").filter((l) => l.startsWith("data: ")).map((l) => JSON.parse(l.slice(6)));
-  const answer = events.filter((e) => e.event === "message").map((e) => e.answer).join("");
-  const u = events.find((e) => e.event === "message_end").metadata.usage;
-  return {
-    answer,
-    usage: { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens },
-  };
-}
-
 /** The fake's generated answer `Turn <n> of <conv8>: <query>`, taken apart. */
 function runtimesTurn(text: string) {
   const m = /^Turn (\d+) of ([0-9a-f]{8}): ([\s\S]*)$/.exec(text);
@@ -4622,20 +4412,6 @@ function runtimesContent(text: string): string {
   ).join("");
 }
 
-function runtimesSleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-/** Waits until `check` is true or the deadline passes; returns whether it became true. */
-async function runtimesUntil(check: () => boolean, ms: number): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) return false;
-    await runtimesSleep(20);
-  }
-  return true;
-}
-
 /** Waits until nothing accepts connections on the port any more; false if something still does. */
 async function runtimesPortClosed(port: number, ms: number): Promise<boolean> {
   const deadline = Date.now() + ms;
@@ -4646,16 +4422,9 @@ async function runtimesPortClosed(port: number, ms: number): Promise<boolean> {
     } catch {
       return true;
     }
-    await runtimesSleep(100);
+    await sleep(100);
   }
   return false;
-}
-
-function runtimesClosedPort(): number {
-  const listener = Deno.listen({ port: 0, hostname: "127.0.0.1" });
-  const port = (listener.addr as Deno.NetAddr).port;
-  listener.close();
-  return port;
 }
 
 /** Reads a streaming response until its SSE text holds some answer content; returns the text so far. */
@@ -4682,7 +4451,8 @@ async function runtimesReadRest(reader: ReadableStreamDefaultReader<Uint8Array>,
 // ─── answers ────────────────────────────────────────────────────────────────────────────────────
 
 runtimesTest("streaming and non-streaming answers with usage, through the SDK and raw fetch", async (rt) => {
-  const fx = await runtimesFixture("chat_basic");
+  const events = await fixtureEvents("chat_basic");
+  const fx = { answer: answerOf(events), usage: usageOf(events) };
   await runtimesWith(rt, {}, async ({ dify, proc, client }) => {
     const s = await streamText(client, {
       model: "dify",
@@ -4799,7 +4569,7 @@ const RUNTIMES_STATUSES = [400, 401, 403, 404, 413, 415, 429, 500, 503];
 /** The process every error case runs against: two apps (one unreachable), a proxy key, a 64 KiB body limit,
  * a 1 s idle limit. */
 function runtimesErrorEnv(dify: FakeDify): Record<string, string> {
-  const down = `http://127.0.0.1:${runtimesClosedPort()}/v1`;
+  const down = `http://127.0.0.1:${closedPort()}/v1`;
   return {
     DIFY_APPS: JSON.stringify({
       dify: { key: "app-chat", type: "chat", url: dify.url },
@@ -5034,7 +4804,7 @@ runtimesTest("two processes sharing one KV_PATH file continue each other's chats
       messages.push(assistant(text));
       if (next) messages.push(user(next));
       // The other process reads the mapping once its durable write commits (not awaited by the answer).
-      await runtimesSleep(250);
+      await sleep(250);
     }
     assert.deepEqual(turns.map((t) => t.n), [1, 2, 3]);
     assert.deepEqual(turns.map((t) => t.conv), [turns[0].conv, turns[0].conv, turns[0].conv]);
@@ -5064,12 +4834,12 @@ runtimesTest("a client abort mid-stream stops the Dify task for the same user", 
     }
     stream.controller.abort();
     assert.match(content, /^Turn\b/);
-    assert.ok(await runtimesUntil(() => dify.stops.length > 0, 5_000), "no stop call reached Dify");
+    assert.ok(await until(() => dify.stops.length > 0, 5_000), "no stop call reached Dify");
     assert.equal(dify.stops.length, 1);
     assert.equal(dify.stops[0].user, "abort-me");
     assert.match(dify.stops[0].path, /^\/chat-messages\/[0-9a-f-]+\/stop$/);
     assert.ok(
-      await runtimesUntil(() => /"status":499\b/.test(proc.output()), 5_000),
+      await until(() => /"status":499\b/.test(proc.output()), 5_000),
       "the bridge logs the request as closed by the client",
     );
     assert.match(proc.output(), /"error":"client_closed"/);
@@ -5139,7 +4909,7 @@ Deno.test({
         args: [MAIN],
         cwd: ROOT.pathname,
         env: {
-          PORT: String(runtimesClosedPort()),
+          PORT: String(closedPort()),
           DIFY_API_KEY: "app-chat",
           KV_PATH: "https://api.deno.com/databases/00000000-0000-0000-0000-000000000000/connect",
           BUN_CONFIG_MAX_HTTP_REQUESTS: limit,
@@ -5174,7 +4944,7 @@ runtimesTest("1,000 concurrent streams all reach Dify at once (nothing queues), 
       return { i, status: res.status, text: await res.text() };
     });
     const settled = Promise.allSettled(answers);
-    const reached = await runtimesUntil(() => dify.held() >= total, 60_000);
+    const reached = await until(() => dify.held() >= total, 60_000);
     // Failing here, before waiting for the answers: the queued rest would sit out the upstream timeout.
     assert.ok(reached, `only ${dify.held()} of ${total} requests reached Dify at once`);
     assert.equal(dify.held(), total);
@@ -5225,16 +4995,27 @@ test("bridge: a client that leaves before Dify's first byte frees its slot and s
       signal: abort.signal,
       body: JSON.stringify({ model: "dify", stream: true, user: "early", messages: [user("fault:first_byte:1500")] }),
     }).catch((e) => e);
-    await new Promise((r) => setTimeout(r, 200));
+    await sleep(200);
     abort.abort();
     assert.ok((await pending) instanceof Error);
     const health = async () => (await (await fetch(bridge.url.replace("/v1", "/healthz"))).json()).streams;
-    for (let i = 0; i < 200 && (await health()) !== 0; i++) await new Promise((r) => setTimeout(r, 50));
+    for (let i = 0; i < 200 && (await health()) !== 0; i++) await sleep(50);
     assert.equal(await health(), 0);
-    for (let i = 0; i < 100 && !dify.stops.length; i++) await new Promise((r) => setTimeout(r, 20));
+    await until(() => dify.stops.length > 0, 2_000);
     assert.equal(dify.stops.length, 1);
     assert.equal(dify.stops[0].user, "early");
     const next = await bridge.client().chat.completions.create({ model: "dify", messages: [user("after")] });
     assert.match(next.choices[0].message.content ?? "", /after/);
+  });
+});
+
+test("bridge: malformed percent-encoding in a path is a 400, not a 500", async () => {
+  await withBridge({}, async ({ bridge }) => {
+    for (const [method, path] of [["GET", "/models/%E0%A4"], ["DELETE", "/conversations/%"]]) {
+      const res = await fetch(bridge.url + path, { method, headers: { authorization: "Bearer sk-test" } });
+      assert.equal(res.status, 400, `${method} ${path}`);
+      assert.equal((await res.json()).error.type, "invalid_request_error");
+    }
+    assert.equal(bridge.warnings.length, 0);
   });
 });

@@ -3,6 +3,7 @@
  * `bun main.ts`) against a fake Dify, and read what it streams back.
  */
 import OpenAI from "openai";
+import { type FakeDify, type FakeDifyOptions, readFixture, startFakeDify } from "./fake_dify.ts";
 import {
   byobReader,
   type ChunkReader,
@@ -16,6 +17,83 @@ import {
 
 export const ROOT = new URL("../", import.meta.url);
 export const MAIN = new URL("../main.ts", import.meta.url).pathname;
+
+/** Registers a test without Deno's resource and op sanitizers: servers and streams outlive a test body. */
+export function test(name: string, fn: () => Promise<void> | void): void {
+  Deno.test({ name, sanitizeResources: false, sanitizeOps: false, fn });
+}
+
+/** Resolves after `ms` milliseconds. */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/**
+ * Polls `check` every 20 ms until it is true; returns false once `ms` have passed without it.
+ * Given `what`, a timeout throws `timed out waiting for <what>` instead.
+ */
+export async function until(check: () => boolean, ms: number, what?: string): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) {
+      if (what !== undefined) throw new Error(`timed out waiting for ${what}`);
+      return false;
+    }
+    await sleep(20);
+  }
+  return true;
+}
+
+/** A Dify fixture's parsed `data:` events. */
+export async function fixtureEvents(name: string): Promise<Record<string, unknown>[]> {
+  const text = new TextDecoder().decode(await readFixture(`${name}.sse`));
+  return text.split("\n").filter((l) => l.startsWith("data: ")).map((l) => JSON.parse(l.slice(6)));
+}
+
+/** The answer text fixture events carry: their message / agent_message / message_file answers joined. */
+export function answerOf(events: Record<string, unknown>[]): string {
+  return events
+    .filter((e) => ["message", "agent_message", "message_file"].includes(String(e.event)))
+    .map((e) => typeof e.answer === "string" ? e.answer : "")
+    .join("");
+}
+
+/** The token usage of fixture events' `message_end`, as OpenAI reports it. */
+export function usageOf(events: Record<string, unknown>[]) {
+  const end = events.find((e) => e.event === "message_end") as {
+    metadata: { usage: { prompt_tokens: number; completion_tokens: number; total_tokens: number } };
+  };
+  const u = end.metadata.usage;
+  return { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens };
+}
+
+/**
+ * A store whose every call fails: synchronously (a broken driver, like bun:sqlite) or as a rejected
+ * promise (like KV). `close` succeeds, so a bridge around it shuts down cleanly.
+ */
+export class BrokenStore implements Store {
+  calls = 0;
+  constructor(private sync: boolean) {}
+  #fail(op: string): Promise<never> {
+    this.calls++;
+    const e = new Error(`${op}: the database is on fire`);
+    if (this.sync) throw e;
+    return Promise.reject(e);
+  }
+  get<T>(): Promise<T | null> {
+    return this.#fail("get");
+  }
+  set(): Promise<void> {
+    return this.#fail("set");
+  }
+  setIf(): Promise<boolean> {
+    return this.#fail("setIf");
+  }
+  delete(): Promise<void> {
+    return this.#fail("delete");
+  }
+  close(): void {}
+}
 
 /** A running bridge: its base URL (with /v1), what it logged, and how to stop it. */
 export interface Bridge {
@@ -65,6 +143,53 @@ export async function startBridge(env: Record<string, string>, opts: BridgeOptio
   };
 }
 
+/** A fake Dify and a bridge in front of it. */
+export interface Rig {
+  fake: FakeDify;
+  bridge: Bridge;
+  client: OpenAI;
+  close(): Promise<void>;
+}
+
+/** Bridge options, and the fake Dify's under `dify`. */
+export type RigOptions = BridgeOptions & { dify?: FakeDifyOptions };
+
+/** A fake Dify (chat app) and a bridge in front of it; `env` adds to (or overrides) DIFY_API_URL/DIFY_API_KEY. */
+export async function startRig(env: Record<string, string> = {}, opts: RigOptions = {}): Promise<Rig> {
+  const { dify: difyOptions, ...bridgeOptions } = opts;
+  const fake = await startFakeDify(difyOptions);
+  let bridge: Bridge;
+  try {
+    bridge = await startBridge({ DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat", ...env }, bridgeOptions);
+  } catch (e) {
+    await fake.close();
+    throw e;
+  }
+  return {
+    fake,
+    bridge,
+    client: bridge.client(),
+    async close() {
+      await bridge.close();
+      await fake.close();
+    },
+  };
+}
+
+/** A fake Dify and a bridge in front of it, closed after `fn`. */
+export async function withBridge(
+  env: Record<string, string>,
+  fn: (ctx: { dify: FakeDify; bridge: Bridge }) => Promise<void>,
+  opts: RigOptions = {},
+): Promise<void> {
+  const rig = await startRig(env, opts);
+  try {
+    await fn({ dify: rig.fake, bridge: rig.bridge });
+  } finally {
+    await rig.close();
+  }
+}
+
 /** A bridge running as its own process: `deno run main.ts` or `bun main.ts`. */
 export interface ProcessBridge {
   url: string;
@@ -84,7 +209,8 @@ export function bunAvailable(): boolean {
   }
 }
 
-function freePort(): number {
+/** A port nobody listens on: free to bind, or to dial for a refused connection. */
+export function closedPort(): number {
   const listener = Deno.listen({ port: 0, hostname: "127.0.0.1" });
   const port = (listener.addr as Deno.NetAddr).port;
   listener.close();
@@ -93,7 +219,7 @@ function freePort(): number {
 
 /** Starts main.ts in a subprocess on a free port and waits until /healthz answers. */
 export async function startProcess(runtime: "deno" | "bun", env: Record<string, string>): Promise<ProcessBridge> {
-  const port = freePort();
+  const port = closedPort();
   const args = runtime === "deno" ? ["run", "--allow-all", "--unstable-kv", MAIN] : [MAIN];
   const process = new Deno.Command(runtime, {
     args,
@@ -125,7 +251,7 @@ export async function startProcess(runtime: "deno" | "bun", env: Record<string, 
       await drained;
       throw new Error(`${runtime} main.ts did not start:\n${text}`);
     }
-    await new Promise((r) => setTimeout(r, 50));
+    await sleep(50);
   }
   return {
     url,
