@@ -639,250 +639,200 @@ async function convThreeTurns(stream: boolean) {
 
 // ─── history mode: continuation ─────────────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "conversations: a three-turn chat (non-streaming) continues one Dify conversation",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn: () => convThreeTurns(false),
-});
+test("conversations: a three-turn chat (non-streaming) continues one Dify conversation", () => convThreeTurns(false));
 
-Deno.test({
-  name: "conversations: a three-turn chat (streaming) continues one Dify conversation",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn: () => convThreeTurns(true),
-});
+test("conversations: a three-turn chat (streaming) continues one Dify conversation", () => convThreeTurns(true));
 
-Deno.test({
-  name: "conversations: eight chats in parallel never cross-talk",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      const chats = Array.from({ length: 8 }, (_, i) => new ConvChat(rig.client, { stream: i % 2 === 0 }));
-      const convs: string[][] = chats.map(() => []);
-      for (let turn = 1; turn <= 3; turn++) {
-        const answers = await Promise.all(chats.map((c, i) => c.say(`chat ${i} message ${turn}`)));
-        answers.forEach((a, i) => {
-          const t = convTurnOf(a.content);
-          assert.equal(t.n, turn, `chat ${i} turn ${turn}: ${a.content}`);
-          assert.ok(a.content.endsWith(`chat ${i} message ${turn}`));
-          convs[i].push(t.conv);
-        });
-      }
-      for (const c of convs) assert.equal(new Set(c).size, 1, "one Dify conversation per chat");
-      assert.equal(new Set(convs.map((c) => c[0])).size, 8, "eight different Dify conversations");
-      assert.equal(rig.fake.conversations.size, 8);
-      for (const conv of rig.fake.conversations.values()) {
-        const owner = /^chat (\d+) /.exec(conv.turns[0].query)![1];
-        assert.deepEqual(conv.turns.map((t) => t.query), [1, 2, 3].map((n) => `chat ${owner} message ${n}`));
-      }
-    } finally {
-      await rig.close();
+test("conversations: eight chats in parallel never cross-talk", async () => {
+  const rig = await startRig();
+  try {
+    const chats = Array.from({ length: 8 }, (_, i) => new ConvChat(rig.client, { stream: i % 2 === 0 }));
+    const convs: string[][] = chats.map(() => []);
+    for (let turn = 1; turn <= 3; turn++) {
+      const answers = await Promise.all(chats.map((c, i) => c.say(`chat ${i} message ${turn}`)));
+      answers.forEach((a, i) => {
+        const t = convTurnOf(a.content);
+        assert.equal(t.n, turn, `chat ${i} turn ${turn}: ${a.content}`);
+        assert.ok(a.content.endsWith(`chat ${i} message ${turn}`));
+        convs[i].push(t.conv);
+      });
     }
-  },
+    for (const c of convs) assert.equal(new Set(c).size, 1, "one Dify conversation per chat");
+    assert.equal(new Set(convs.map((c) => c[0])).size, 8, "eight different Dify conversations");
+    assert.equal(rig.fake.conversations.size, 8);
+    for (const conv of rig.fake.conversations.values()) {
+      const owner = /^chat (\d+) /.exec(conv.turns[0].query)![1];
+      assert.deepEqual(conv.turns.map((t) => t.query), [1, 2, 3].map((n) => `chat ${owner} message ${n}`));
+    }
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: two new chats with the same user stay separate",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      const a = new ConvChat(rig.client, { extra: { user: "same-person" } });
-      const b = new ConvChat(rig.client, { extra: { user: "same-person" } });
-      const a1 = convTurnOf((await a.say("hello")).content);
-      const b1 = convTurnOf((await b.say("hello")).content);
-      assert.equal(a1.n, 1);
-      assert.equal(b1.n, 1);
-      assert.notEqual(a1.conv, b1.conv, "a new chat never joins another chat of the same user");
-      const b2 = convTurnOf((await b.say("b again")).content);
-      const a2 = convTurnOf((await a.say("a again")).content);
-      assert.deepEqual([a2.n, a2.conv], [2, a1.conv]);
-      assert.deepEqual([b2.n, b2.conv], [2, b1.conv]);
-    } finally {
-      await rig.close();
-    }
-  },
+test("conversations: two new chats with the same user stay separate", async () => {
+  const rig = await startRig();
+  try {
+    const a = new ConvChat(rig.client, { extra: { user: "same-person" } });
+    const b = new ConvChat(rig.client, { extra: { user: "same-person" } });
+    const a1 = convTurnOf((await a.say("hello")).content);
+    const b1 = convTurnOf((await b.say("hello")).content);
+    assert.equal(a1.n, 1);
+    assert.equal(b1.n, 1);
+    assert.notEqual(a1.conv, b1.conv, "a new chat never joins another chat of the same user");
+    const b2 = convTurnOf((await b.say("b again")).content);
+    const a2 = convTurnOf((await a.say("a again")).content);
+    assert.deepEqual([a2.n, a2.conv], [2, a1.conv]);
+    assert.deepEqual([b2.n, b2.conv], [2, b1.conv]);
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: a continued turn sends Dify only the new message, system prompt and history stay out",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      const chat = new ConvChat(rig.client, { system: "You are terse." });
-      await chat.say("what is 2+2?");
-      // Two user messages after the last assistant message: both are the new turn.
-      chat.messages.push(user("and also"));
-      await chat.say("what is 3+3?");
-      const [first, second] = rig.fake.generateBodies();
-      assert.equal(first.conversation_id, "");
-      assert.equal(second.conversation_id, rig.fake.conversations.keys().next().value);
-      assert.equal(second.query, "and also\n\nwhat is 3+3?");
-      assert.ok(!second.query.includes("2+2"), "no history resent");
-      assert.ok(!second.query.includes("terse"), "no system prompt resent in the query");
-    } finally {
-      await rig.close();
-    }
-  },
+test("conversations: a continued turn sends Dify only the new message, system prompt and history stay out", async () => {
+  const rig = await startRig();
+  try {
+    const chat = new ConvChat(rig.client, { system: "You are terse." });
+    await chat.say("what is 2+2?");
+    // Two user messages after the last assistant message: both are the new turn.
+    chat.messages.push(user("and also"));
+    await chat.say("what is 3+3?");
+    const [first, second] = rig.fake.generateBodies();
+    assert.equal(first.conversation_id, "");
+    assert.equal(second.conversation_id, rig.fake.conversations.keys().next().value);
+    assert.equal(second.query, "and also\n\nwhat is 3+3?");
+    assert.ok(!second.query.includes("2+2"), "no history resent");
+    assert.ok(!second.query.includes("terse"), "no system prompt resent in the query");
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: the Dify user stays the one the conversation started with, even if `user` changes",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig({ DEFAULT_USER: "fallback-user" });
-    try {
-      const chat = new ConvChat(rig.client);
-      await chat.say("one", { user: "alice" });
-      const a2 = await chat.say("two", { user: "mallory" });
-      const a3 = await chat.say("three");
-      assert.deepEqual([convTurnOf(a2.content).n, convTurnOf(a3.content).n], [2, 3]);
-      assert.deepEqual(rig.fake.generateBodies().map((b) => b.user), ["alice", "alice", "alice"]);
-      // Without any user, the default user is used throughout.
-      const other = new ConvChat(rig.client, { stream: true });
-      await other.say("x");
-      await other.say("y");
-      assert.deepEqual(rig.fake.generateBodies().slice(3).map((b) => b.user), ["fallback-user", "fallback-user"]);
-    } finally {
-      await rig.close();
-    }
-  },
+test("conversations: the Dify user stays the one the conversation started with, even if `user` changes", async () => {
+  const rig = await startRig({ DEFAULT_USER: "fallback-user" });
+  try {
+    const chat = new ConvChat(rig.client);
+    await chat.say("one", { user: "alice" });
+    const a2 = await chat.say("two", { user: "mallory" });
+    const a3 = await chat.say("three");
+    assert.deepEqual([convTurnOf(a2.content).n, convTurnOf(a3.content).n], [2, 3]);
+    assert.deepEqual(rig.fake.generateBodies().map((b) => b.user), ["alice", "alice", "alice"]);
+    // Without any user, the default user is used throughout.
+    const other = new ConvChat(rig.client, { stream: true });
+    await other.say("x");
+    await other.say("y");
+    assert.deepEqual(rig.fake.generateBodies().slice(3).map((b) => b.user), ["fallback-user", "fallback-user"]);
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: the response header X-Dify-Conversation-Id names the Dify conversation",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      for (const stream of [false, true]) {
-        const res = await rawChat(rig.bridge.url, { model: "dify", messages: [user(`header ${stream}`)], stream });
-        assert.equal(res.status, 200);
-        const id = res.headers.get("x-dify-conversation-id");
-        assert.ok(id && rig.fake.conversations.has(id), `header ${id} is a Dify conversation`);
-        const content = stream
-          ? sseData(res.text).filter((d) => d !== "[DONE]").map((d) =>
-            ((d as { choices: { delta: { content?: string } }[] }).choices[0]?.delta.content) ?? ""
-          ).join("")
-          : JSON.parse(res.text).choices[0].message.content;
-        assert.equal(convTurnOf(content).conv, id.slice(0, 8));
-        assert.match(res.headers.get("access-control-expose-headers") ?? "", /x-dify-conversation-id/);
-      }
-    } finally {
-      await rig.close();
+test("conversations: the response header X-Dify-Conversation-Id names the Dify conversation", async () => {
+  const rig = await startRig();
+  try {
+    for (const stream of [false, true]) {
+      const res = await rawChat(rig.bridge.url, { model: "dify", messages: [user(`header ${stream}`)], stream });
+      assert.equal(res.status, 200);
+      const id = res.headers.get("x-dify-conversation-id");
+      assert.ok(id && rig.fake.conversations.has(id), `header ${id} is a Dify conversation`);
+      const content = stream
+        ? sseData(res.text).filter((d) => d !== "[DONE]").map((d) =>
+          ((d as { choices: { delta: { content?: string } }[] }).choices[0]?.delta.content) ?? ""
+        ).join("")
+        : JSON.parse(res.text).choices[0].message.content;
+      assert.equal(convTurnOf(content).conv, id.slice(0, 8));
+      assert.match(res.headers.get("access-control-expose-headers") ?? "", /x-dify-conversation-id/);
     }
-  },
+  } finally {
+    await rig.close();
+  }
 });
 
 // ─── branching: regenerate, identical first exchanges, changed system prompt ────────────────────
 
-Deno.test({
-  name: "conversations: regenerate branches into a new Dify conversation with the history replayed",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      const chat = new ConvChat(rig.client);
-      const a1 = await chat.say("tell me a story");
-      const a2 = await chat.say("make it longer");
-      const original = convTurnOf(a2.content);
-      assert.equal(original.n, 2);
-      // Regenerate: the same history as turn 2 is sent again.
-      const resent = chat.messages.slice(0, -1);
-      const again = await convAsk(rig.client, resent);
-      const regen = convTurnOf(again.content);
-      assert.equal(regen.n, 1, "a regenerate starts a new Dify conversation");
-      assert.notEqual(regen.conv, original.conv);
-      const replay = rig.fake.lastBody().query as string;
-      assert.equal(rig.fake.lastBody().conversation_id, "");
-      assert.ok(replay.includes("tell me a story") && replay.includes(a1.content), "history replayed");
-      assert.ok(replay.endsWith("make it longer"));
-      // The original conversation saw exactly its two turns.
-      const originalConv = [...rig.fake.conversations.values()].find((c) => c.id.startsWith(original.conv))!;
-      assert.deepEqual(originalConv.turns.map((t) => t.query), ["tell me a story", "make it longer"]);
-      // Both branches continue their own conversation.
-      const branch = [...resent, assistant(again.content), user("branch goes on")];
-      const b3 = convTurnOf((await convAsk(rig.client, branch)).content);
-      assert.deepEqual([b3.n, b3.conv], [2, regen.conv]);
-      const o3 = convTurnOf((await chat.say("original goes on")).content);
-      assert.deepEqual([o3.n, o3.conv], [3, original.conv]);
-    } finally {
-      await rig.close();
-    }
-  },
+test("conversations: regenerate branches into a new Dify conversation with the history replayed", async () => {
+  const rig = await startRig();
+  try {
+    const chat = new ConvChat(rig.client);
+    const a1 = await chat.say("tell me a story");
+    const a2 = await chat.say("make it longer");
+    const original = convTurnOf(a2.content);
+    assert.equal(original.n, 2);
+    // Regenerate: the same history as turn 2 is sent again.
+    const resent = chat.messages.slice(0, -1);
+    const again = await convAsk(rig.client, resent);
+    const regen = convTurnOf(again.content);
+    assert.equal(regen.n, 1, "a regenerate starts a new Dify conversation");
+    assert.notEqual(regen.conv, original.conv);
+    const replay = rig.fake.lastBody().query as string;
+    assert.equal(rig.fake.lastBody().conversation_id, "");
+    assert.ok(replay.includes("tell me a story") && replay.includes(a1.content), "history replayed");
+    assert.ok(replay.endsWith("make it longer"));
+    // The original conversation saw exactly its two turns.
+    const originalConv = [...rig.fake.conversations.values()].find((c) => c.id.startsWith(original.conv))!;
+    assert.deepEqual(originalConv.turns.map((t) => t.query), ["tell me a story", "make it longer"]);
+    // Both branches continue their own conversation.
+    const branch = [...resent, assistant(again.content), user("branch goes on")];
+    const b3 = convTurnOf((await convAsk(rig.client, branch)).content);
+    assert.deepEqual([b3.n, b3.conv], [2, regen.conv]);
+    const o3 = convTurnOf((await chat.say("original goes on")).content);
+    assert.deepEqual([o3.n, o3.conv], [3, original.conv]);
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: two chats with an identical first exchange each get their own Dify memory",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      // `fault:huge_line:24` makes the fake answer 24 × "x" in a real conversation: both chats get
-      // byte-identical first exchanges, like "hi" → "Hello! How can I help?".
-      const a = new ConvChat(rig.client);
-      const b = new ConvChat(rig.client, { stream: true });
-      const first = "hi fault:huge_line:24";
-      const a1 = await a.say(first);
-      const b1 = await b.say(first);
-      assert.equal(a1.content, "x".repeat(24));
-      assert.equal(b1.content, a1.content);
-      assert.notEqual(a1.conversationId, b1.conversationId);
-      const a2 = await a.say("only in chat A");
-      const b2 = await b.say("only in chat B");
-      assert.notEqual(a2.conversationId, b2.conversationId, "the second turns land in different conversations");
-      const a3 = await a.say("A goes on");
-      const b3 = await b.say("B goes on");
-      assert.equal(a3.conversationId, a2.conversationId, "chat A continues its conversation");
-      assert.equal(b3.conversationId, b2.conversationId, "chat B continues its conversation");
-      assert.deepEqual([convTurnOf(a3.content).n, convTurnOf(b3.content).n].map((n) => n >= 2), [true, true]);
-      for (const conv of rig.fake.conversations.values()) {
-        const text = conv.turns.map((t) => t.query).join("\n");
-        assert.ok(!(text.includes("chat A") && text.includes("chat B")), "no Dify conversation holds both chats");
-        assert.ok(!(text.includes("A goes") && text.includes("B goes")));
-      }
-      assert.deepEqual(convHolding(rig.fake, "A goes on"), [a3.conversationId]);
-      assert.deepEqual(convHolding(rig.fake, "B goes on"), [b3.conversationId]);
-    } finally {
-      await rig.close();
+test("conversations: two chats with an identical first exchange each get their own Dify memory", async () => {
+  const rig = await startRig();
+  try {
+    // `fault:huge_line:24` makes the fake answer 24 × "x" in a real conversation: both chats get
+    // byte-identical first exchanges, like "hi" → "Hello! How can I help?".
+    const a = new ConvChat(rig.client);
+    const b = new ConvChat(rig.client, { stream: true });
+    const first = "hi fault:huge_line:24";
+    const a1 = await a.say(first);
+    const b1 = await b.say(first);
+    assert.equal(a1.content, "x".repeat(24));
+    assert.equal(b1.content, a1.content);
+    assert.notEqual(a1.conversationId, b1.conversationId);
+    const a2 = await a.say("only in chat A");
+    const b2 = await b.say("only in chat B");
+    assert.notEqual(a2.conversationId, b2.conversationId, "the second turns land in different conversations");
+    const a3 = await a.say("A goes on");
+    const b3 = await b.say("B goes on");
+    assert.equal(a3.conversationId, a2.conversationId, "chat A continues its conversation");
+    assert.equal(b3.conversationId, b2.conversationId, "chat B continues its conversation");
+    assert.deepEqual([convTurnOf(a3.content).n, convTurnOf(b3.content).n].map((n) => n >= 2), [true, true]);
+    for (const conv of rig.fake.conversations.values()) {
+      const text = conv.turns.map((t) => t.query).join("\n");
+      assert.ok(!(text.includes("chat A") && text.includes("chat B")), "no Dify conversation holds both chats");
+      assert.ok(!(text.includes("A goes") && text.includes("B goes")));
     }
-  },
+    assert.deepEqual(convHolding(rig.fake, "A goes on"), [a3.conversationId]);
+    assert.deepEqual(convHolding(rig.fake, "B goes on"), [b3.conversationId]);
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: a changed system prompt starts a new conversation, never an error",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      const chat = new ConvChat(rig.client, { system: "Current date: 2026-11-24" });
-      const a1 = convTurnOf((await chat.say("remember the number 7")).content);
-      chat.messages[0] = { role: "system", content: "Current date: 2026-11-25" };
-      const a2 = convTurnOf((await chat.say("which number?")).content);
-      assert.equal(a2.n, 1);
-      assert.notEqual(a2.conv, a1.conv);
-      const body = rig.fake.lastBody();
-      assert.equal(body.conversation_id, "");
-      assert.ok(body.query.startsWith("Current date: 2026-11-25"), "the new system prompt leads the first query");
-      assert.ok(body.query.includes("remember the number 7"), "history replayed");
-      assert.equal(body.inputs.system_prompt, "Current date: 2026-11-25");
-      const a3 = convTurnOf((await chat.say("and now?")).content);
-      assert.deepEqual([a3.n, a3.conv], [2, a2.conv]);
-    } finally {
-      await rig.close();
-    }
-  },
+test("conversations: a changed system prompt starts a new conversation, never an error", async () => {
+  const rig = await startRig();
+  try {
+    const chat = new ConvChat(rig.client, { system: "Current date: 2026-11-24" });
+    const a1 = convTurnOf((await chat.say("remember the number 7")).content);
+    chat.messages[0] = { role: "system", content: "Current date: 2026-11-25" };
+    const a2 = convTurnOf((await chat.say("which number?")).content);
+    assert.equal(a2.n, 1);
+    assert.notEqual(a2.conv, a1.conv);
+    const body = rig.fake.lastBody();
+    assert.equal(body.conversation_id, "");
+    assert.ok(body.query.startsWith("Current date: 2026-11-25"), "the new system prompt leads the first query");
+    assert.ok(body.query.includes("remember the number 7"), "history replayed");
+    assert.equal(body.inputs.system_prompt, "Current date: 2026-11-25");
+    const a3 = convTurnOf((await chat.say("and now?")).content);
+    assert.deepEqual([a3.n, a3.conv], [2, a2.conv]);
+  } finally {
+    await rig.close();
+  }
 });
 
 // ─── system prompt modes ────────────────────────────────────────────────────────────────────────
@@ -917,347 +867,297 @@ for (const mode of ["prepend", "inputs", "drop"] as const) {
 
 // ─── Dify forgets; restarts; scale-out ──────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "conversations: when Dify forgets the conversation, the next turn replays the history and carries on",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      const chat = new ConvChat(rig.client, { stream: true, extra: { user: "alice" } });
-      const a1 = await chat.say("my name is Ada");
-      const a2 = await chat.say("I like tea");
-      const old = convTurnOf(a2.content);
-      assert.equal(old.n, 2);
-      rig.fake.forgetAll();
-      const before = rig.fake.generateBodies().length;
-      const a3 = await chat.say("what do I like?");
-      const recovered = convTurnOf(a3.content);
-      assert.equal(recovered.n, 1);
-      assert.notEqual(recovered.conv, old.conv);
-      const [lost, replay] = rig.fake.generateBodies().slice(before);
-      assert.equal(lost.conversation_id, a1.conversationId, "first tried the known conversation");
-      assert.equal(lost.query, "what do I like?");
-      assert.equal(replay.conversation_id, "");
-      assert.equal(replay.user, "alice");
-      for (const part of ["my name is Ada", a1.content, "I like tea", a2.content]) {
-        assert.ok(replay.query.includes(part), `replayed history holds ${JSON.stringify(part)}`);
-      }
-      assert.ok(replay.query.endsWith("what do I like?"));
-      assert.equal(a3.conversationId?.slice(0, 8), recovered.conv);
-      assert.ok(rig.bridge.logs.some((l) => JSON.parse(l).recovered === true));
-      // The new mapping was stored: the next turn continues the new conversation with only its text.
-      const a4 = convTurnOf((await chat.say("and my name?")).content);
-      assert.deepEqual([a4.n, a4.conv], [2, recovered.conv]);
-      const last = rig.fake.lastBody();
-      assert.equal(last.query, "and my name?");
-      assert.equal(last.conversation_id, a3.conversationId);
-    } finally {
-      await rig.close();
+test("conversations: when Dify forgets the conversation, the next turn replays the history and carries on", async () => {
+  const rig = await startRig();
+  try {
+    const chat = new ConvChat(rig.client, { stream: true, extra: { user: "alice" } });
+    const a1 = await chat.say("my name is Ada");
+    const a2 = await chat.say("I like tea");
+    const old = convTurnOf(a2.content);
+    assert.equal(old.n, 2);
+    rig.fake.forgetAll();
+    const before = rig.fake.generateBodies().length;
+    const a3 = await chat.say("what do I like?");
+    const recovered = convTurnOf(a3.content);
+    assert.equal(recovered.n, 1);
+    assert.notEqual(recovered.conv, old.conv);
+    const [lost, replay] = rig.fake.generateBodies().slice(before);
+    assert.equal(lost.conversation_id, a1.conversationId, "first tried the known conversation");
+    assert.equal(lost.query, "what do I like?");
+    assert.equal(replay.conversation_id, "");
+    assert.equal(replay.user, "alice");
+    for (const part of ["my name is Ada", a1.content, "I like tea", a2.content]) {
+      assert.ok(replay.query.includes(part), `replayed history holds ${JSON.stringify(part)}`);
     }
-  },
+    assert.ok(replay.query.endsWith("what do I like?"));
+    assert.equal(a3.conversationId?.slice(0, 8), recovered.conv);
+    assert.ok(rig.bridge.logs.some((l) => JSON.parse(l).recovered === true));
+    // The new mapping was stored: the next turn continues the new conversation with only its text.
+    const a4 = convTurnOf((await chat.say("and my name?")).content);
+    assert.deepEqual([a4.n, a4.conv], [2, recovered.conv]);
+    const last = rig.fake.lastBody();
+    assert.equal(last.query, "and my name?");
+    assert.equal(last.conversation_id, a3.conversationId);
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: a bridge restarted on the same KV file continues the chat",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const fake = await startFakeDify();
-    const kv = await convTempKv();
-    const env = { DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat", KV_PATH: kv.path };
-    let bridge: Bridge | undefined;
-    try {
-      bridge = await startBridge(env);
-      const chat = new ConvChat(bridge.client());
-      const a1 = convTurnOf((await chat.say("before the restart")).content);
-      await bridge.close();
-      bridge = undefined;
-      bridge = await startBridge(env);
-      const chat2 = new ConvChat(bridge.client());
-      chat2.messages = chat.messages;
-      const a2 = convTurnOf((await chat2.say("after the restart")).content);
-      assert.deepEqual([a2.n, a2.conv], [2, a1.conv]);
-      assert.equal(fake.lastBody().query, "after the restart");
-      const a3 = convTurnOf((await chat2.say("still going")).content);
-      assert.deepEqual([a3.n, a3.conv], [3, a1.conv]);
-    } finally {
-      await bridge?.close();
-      await fake.close();
-      await kv.remove();
-    }
-  },
+test("conversations: a bridge restarted on the same KV file continues the chat", async () => {
+  const fake = await startFakeDify();
+  const kv = await convTempKv();
+  const env = { DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat", KV_PATH: kv.path };
+  let bridge: Bridge | undefined;
+  try {
+    bridge = await startBridge(env);
+    const chat = new ConvChat(bridge.client());
+    const a1 = convTurnOf((await chat.say("before the restart")).content);
+    await bridge.close();
+    bridge = undefined;
+    bridge = await startBridge(env);
+    const chat2 = new ConvChat(bridge.client());
+    chat2.messages = chat.messages;
+    const a2 = convTurnOf((await chat2.say("after the restart")).content);
+    assert.deepEqual([a2.n, a2.conv], [2, a1.conv]);
+    assert.equal(fake.lastBody().query, "after the restart");
+    const a3 = convTurnOf((await chat2.say("still going")).content);
+    assert.deepEqual([a3.n, a3.conv], [3, a1.conv]);
+  } finally {
+    await bridge?.close();
+    await fake.close();
+    await kv.remove();
+  }
 });
 
-Deno.test({
-  name: "conversations: a second bridge and a second process on the same KV file continue the chat",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const fake = await startFakeDify();
-    const kv = await convTempKv();
-    const env = { DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat", KV_PATH: kv.path };
-    const bridges: Bridge[] = [];
-    let proc: Awaited<ReturnType<typeof startProcess>> | undefined;
-    try {
-      bridges.push(await startBridge(env), await startBridge(env));
-      proc = await startProcess("deno", env);
-      const one = new ConvChat(bridges[0].client(), { extra: { user: "scale" } });
-      const a1 = convTurnOf((await one.say("on the first bridge")).content);
-      // Across processes a mapping is there once its KV write commits (the answer does not wait for it).
-      await convDurable(kv.path, 1);
-      const two = new ConvChat(bridges[1].client(), { stream: true });
-      two.messages = one.messages;
-      const a2 = convTurnOf((await two.say("on the second bridge")).content);
-      assert.deepEqual([a2.n, a2.conv], [2, a1.conv]);
-      await convDurable(kv.path, 2);
-      const three = new ConvChat(new OpenAI({ baseURL: proc.url, apiKey: "sk-test", maxRetries: 0 }));
-      three.messages = one.messages;
-      const a3 = convTurnOf((await three.say("on the subprocess")).content);
-      assert.deepEqual([a3.n, a3.conv], [3, a1.conv]);
-      await convDurable(kv.path, 3);
-      const a4 = convTurnOf((await one.say("back on the first bridge")).content);
-      assert.deepEqual([a4.n, a4.conv], [4, a1.conv]);
-      const bodies = fake.generateBodies();
-      assert.deepEqual(bodies.map((b) => b.user), ["scale", "scale", "scale", "scale"]);
-      assert.deepEqual(bodies.slice(1).map((b) => b.query), [
-        "on the second bridge",
-        "on the subprocess",
-        "back on the first bridge",
-      ]);
-    } finally {
-      if (proc) await proc.stop();
-      for (const b of bridges) await b.close();
-      await fake.close();
-      await kv.remove();
-    }
-  },
+test("conversations: a second bridge and a second process on the same KV file continue the chat", async () => {
+  const fake = await startFakeDify();
+  const kv = await convTempKv();
+  const env = { DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat", KV_PATH: kv.path };
+  const bridges: Bridge[] = [];
+  let proc: Awaited<ReturnType<typeof startProcess>> | undefined;
+  try {
+    bridges.push(await startBridge(env), await startBridge(env));
+    proc = await startProcess("deno", env);
+    const one = new ConvChat(bridges[0].client(), { extra: { user: "scale" } });
+    const a1 = convTurnOf((await one.say("on the first bridge")).content);
+    // Across processes a mapping is there once its KV write commits (the answer does not wait for it).
+    await convDurable(kv.path, 1);
+    const two = new ConvChat(bridges[1].client(), { stream: true });
+    two.messages = one.messages;
+    const a2 = convTurnOf((await two.say("on the second bridge")).content);
+    assert.deepEqual([a2.n, a2.conv], [2, a1.conv]);
+    await convDurable(kv.path, 2);
+    const three = new ConvChat(new OpenAI({ baseURL: proc.url, apiKey: "sk-test", maxRetries: 0 }));
+    three.messages = one.messages;
+    const a3 = convTurnOf((await three.say("on the subprocess")).content);
+    assert.deepEqual([a3.n, a3.conv], [3, a1.conv]);
+    await convDurable(kv.path, 3);
+    const a4 = convTurnOf((await one.say("back on the first bridge")).content);
+    assert.deepEqual([a4.n, a4.conv], [4, a1.conv]);
+    const bodies = fake.generateBodies();
+    assert.deepEqual(bodies.map((b) => b.user), ["scale", "scale", "scale", "scale"]);
+    assert.deepEqual(bodies.slice(1).map((b) => b.query), [
+      "on the second bridge",
+      "on the subprocess",
+      "back on the first bridge",
+    ]);
+  } finally {
+    if (proc) await proc.stop();
+    for (const b of bridges) await b.close();
+    await fake.close();
+    await kv.remove();
+  }
 });
 
 // ─── session headers and explicit ids ───────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "conversations: session ids (X-Session-Id, prompt_cache_key, X-OpenWebUI-Chat-Id, metadata.chat_id)",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      const ways: [string, (id: string) => { extra?: Record<string, unknown>; headers?: Record<string, string> }][] = [
-        ["X-Session-Id", (id) => ({ headers: { "X-Session-Id": id } })],
-        ["prompt_cache_key", (id) => ({ extra: { prompt_cache_key: id } })],
-        ["X-OpenWebUI-Chat-Id", (id) => ({ headers: { "X-OpenWebUI-Chat-Id": id } })],
-        ["metadata.chat_id", (id) => ({ extra: { metadata: { chat_id: id } } })],
-      ];
-      for (const [name, how] of ways) {
-        // Each request carries only its own new message: the session id alone links the turns.
-        const ask = (id: string, text: string, stream = false) =>
-          convAsk(rig.client, [user(text)], { stream, ...how(id) });
-        const s1 = convTurnOf((await ask(`${name}-1`, "first")).content);
-        const s2 = convTurnOf((await ask(`${name}-1`, "second", true)).content);
-        const other = convTurnOf((await ask(`${name}-2`, "first")).content);
-        assert.equal(s1.n, 1, name);
-        assert.deepEqual([s2.n, s2.conv], [2, s1.conv], `${name}: same session continues`);
-        assert.equal(other.n, 1, `${name}: another session is another conversation`);
-        assert.notEqual(other.conv, s1.conv);
-        assert.equal(rig.fake.lastBody().query, "first");
-        assert.equal(JSON.parse(rig.bridge.logs.at(-1)!).conversation_via, "new");
-        const s3 = await ask(`${name}-1`, "third");
-        assert.deepEqual(convTurnOf(s3.content).n, 3);
-        assert.equal(JSON.parse(rig.bridge.logs.at(-1)!).conversation_via, "session");
-      }
-      // A plain request without a session id or history is a new chat.
-      assert.equal(convTurnOf((await convAsk(rig.client, [user("first")])).content).n, 1);
-    } finally {
-      await rig.close();
+test("conversations: session ids (X-Session-Id, prompt_cache_key, X-OpenWebUI-Chat-Id, metadata.chat_id)", async () => {
+  const rig = await startRig();
+  try {
+    const ways: [string, (id: string) => { extra?: Record<string, unknown>; headers?: Record<string, string> }][] = [
+      ["X-Session-Id", (id) => ({ headers: { "X-Session-Id": id } })],
+      ["prompt_cache_key", (id) => ({ extra: { prompt_cache_key: id } })],
+      ["X-OpenWebUI-Chat-Id", (id) => ({ headers: { "X-OpenWebUI-Chat-Id": id } })],
+      ["metadata.chat_id", (id) => ({ extra: { metadata: { chat_id: id } } })],
+    ];
+    for (const [name, how] of ways) {
+      // Each request carries only its own new message: the session id alone links the turns.
+      const ask = (id: string, text: string, stream = false) =>
+        convAsk(rig.client, [user(text)], { stream, ...how(id) });
+      const s1 = convTurnOf((await ask(`${name}-1`, "first")).content);
+      const s2 = convTurnOf((await ask(`${name}-1`, "second", true)).content);
+      const other = convTurnOf((await ask(`${name}-2`, "first")).content);
+      assert.equal(s1.n, 1, name);
+      assert.deepEqual([s2.n, s2.conv], [2, s1.conv], `${name}: same session continues`);
+      assert.equal(other.n, 1, `${name}: another session is another conversation`);
+      assert.notEqual(other.conv, s1.conv);
+      assert.equal(rig.fake.lastBody().query, "first");
+      assert.equal(JSON.parse(rig.bridge.logs.at(-1)!).conversation_via, "new");
+      const s3 = await ask(`${name}-1`, "third");
+      assert.deepEqual(convTurnOf(s3.content).n, 3);
+      assert.equal(JSON.parse(rig.bridge.logs.at(-1)!).conversation_via, "session");
     }
-  },
+    // A plain request without a session id or history is a new chat.
+    assert.equal(convTurnOf((await convAsk(rig.client, [user("first")])).content).n, 1);
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: explicit ids (body conversation_id, header X-Dify-Conversation-Id); unknown id → 404",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      const start = await convAsk(rig.client, [user("start")], { extra: { user: "alice" } });
-      const id = start.conversationId!;
-      assert.ok(rig.fake.conversations.has(id));
-      // Used as given, with the user the conversation belongs to (the request names none).
-      const viaBody = await convAsk(rig.client, [user("by body")], { extra: { conversation_id: id } });
-      assert.deepEqual(convTurnOf(viaBody.content), { n: 2, conv: id.slice(0, 8) });
-      assert.equal(viaBody.conversationId, id);
-      const viaHeader = await convAsk(rig.client, [user("by header")], {
-        stream: true,
-        headers: { "X-Dify-Conversation-Id": id },
-      });
-      assert.deepEqual(convTurnOf(viaHeader.content), { n: 3, conv: id.slice(0, 8) });
-      const bodies = rig.fake.generateBodies();
-      assert.deepEqual(bodies.map((b) => b.user), ["alice", "alice", "alice"]);
-      assert.deepEqual(bodies.map((b) => b.query), ["start", "by body", "by header"]);
-      assert.equal(JSON.parse(rig.bridge.logs.at(-1)!).conversation_via, "explicit");
-      // An explicit id Dify does not know is an error, not a silent new conversation.
-      const conversations = rig.fake.conversations.size;
-      const unknown = crypto.randomUUID();
-      const ways: [Record<string, unknown>, Record<string, string>][] = [
-        [{ conversation_id: unknown }, {}],
-        [{}, { "x-dify-conversation-id": unknown }],
-      ];
-      for (const [extra, headers] of ways) {
-        const res = await rawChat(rig.bridge.url, { model: "dify", messages: [user("lost")], ...extra }, headers);
-        assert.equal(res.status, 404, res.text);
-        assert.equal(JSON.parse(res.text).error.code, "conversation_not_found");
-      }
-      await assert.rejects(
-        () => convAsk(rig.client, [user("lost")], { stream: true, extra: { conversation_id: unknown } }),
-        (e: unknown) => e instanceof OpenAI.APIError && e.status === 404,
-      );
-      assert.equal(rig.fake.conversations.size, conversations, "no conversation was created");
-    } finally {
-      await rig.close();
+test("conversations: explicit ids (body conversation_id, header X-Dify-Conversation-Id); unknown id → 404", async () => {
+  const rig = await startRig();
+  try {
+    const start = await convAsk(rig.client, [user("start")], { extra: { user: "alice" } });
+    const id = start.conversationId!;
+    assert.ok(rig.fake.conversations.has(id));
+    // Used as given, with the user the conversation belongs to (the request names none).
+    const viaBody = await convAsk(rig.client, [user("by body")], { extra: { conversation_id: id } });
+    assert.deepEqual(convTurnOf(viaBody.content), { n: 2, conv: id.slice(0, 8) });
+    assert.equal(viaBody.conversationId, id);
+    const viaHeader = await convAsk(rig.client, [user("by header")], {
+      stream: true,
+      headers: { "X-Dify-Conversation-Id": id },
+    });
+    assert.deepEqual(convTurnOf(viaHeader.content), { n: 3, conv: id.slice(0, 8) });
+    const bodies = rig.fake.generateBodies();
+    assert.deepEqual(bodies.map((b) => b.user), ["alice", "alice", "alice"]);
+    assert.deepEqual(bodies.map((b) => b.query), ["start", "by body", "by header"]);
+    assert.equal(JSON.parse(rig.bridge.logs.at(-1)!).conversation_via, "explicit");
+    // An explicit id Dify does not know is an error, not a silent new conversation.
+    const conversations = rig.fake.conversations.size;
+    const unknown = crypto.randomUUID();
+    const ways: [Record<string, unknown>, Record<string, string>][] = [
+      [{ conversation_id: unknown }, {}],
+      [{}, { "x-dify-conversation-id": unknown }],
+    ];
+    for (const [extra, headers] of ways) {
+      const res = await rawChat(rig.bridge.url, { model: "dify", messages: [user("lost")], ...extra }, headers);
+      assert.equal(res.status, 404, res.text);
+      assert.equal(JSON.parse(res.text).error.code, "conversation_not_found");
     }
-  },
+    await assert.rejects(
+      () => convAsk(rig.client, [user("lost")], { stream: true, extra: { conversation_id: unknown } }),
+      (e: unknown) => e instanceof OpenAI.APIError && e.status === 404,
+    );
+    assert.equal(rig.fake.conversations.size, conversations, "no conversation was created");
+  } finally {
+    await rig.close();
+  }
 });
 
 // ─── user mode, off mode ────────────────────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "conversations: CONVERSATION_MODE=user keeps one conversation per user; DELETE clears only that one",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig({ CONVERSATION_MODE: "user" });
-    try {
-      const ask = (who: string, text: string, stream = false) =>
-        convAsk(rig.client, [user(text)], { stream, extra: { user: who } });
-      const b1 = convTurnOf((await ask("bob", "b1")).content);
-      const c1 = convTurnOf((await ask("carol", "c1", true)).content);
-      assert.notEqual(b1.conv, c1.conv);
-      const b2 = convTurnOf((await ask("bob", "b2", true)).content);
-      assert.deepEqual([b2.n, b2.conv], [2, b1.conv]);
-      const del = await fetch(`${rig.bridge.url}/conversations/bob`, {
+test("conversations: CONVERSATION_MODE=user keeps one conversation per user; DELETE clears only that one", async () => {
+  const rig = await startRig({ CONVERSATION_MODE: "user" });
+  try {
+    const ask = (who: string, text: string, stream = false) =>
+      convAsk(rig.client, [user(text)], { stream, extra: { user: who } });
+    const b1 = convTurnOf((await ask("bob", "b1")).content);
+    const c1 = convTurnOf((await ask("carol", "c1", true)).content);
+    assert.notEqual(b1.conv, c1.conv);
+    const b2 = convTurnOf((await ask("bob", "b2", true)).content);
+    assert.deepEqual([b2.n, b2.conv], [2, b1.conv]);
+    const del = await fetch(`${rig.bridge.url}/conversations/bob`, {
+      method: "DELETE",
+      headers: { authorization: "Bearer sk-test" },
+    });
+    assert.equal(del.status, 200);
+    assert.equal((await del.json()).deleted, true);
+    const b3 = convTurnOf((await ask("bob", "b3")).content);
+    assert.equal(b3.n, 1, "bob starts over after DELETE");
+    assert.notEqual(b3.conv, b1.conv);
+    const c2 = convTurnOf((await ask("carol", "c2")).content);
+    assert.deepEqual([c2.n, c2.conv], [2, c1.conv], "carol is untouched");
+    const b4 = convTurnOf((await ask("bob", "b4")).content);
+    assert.deepEqual([b4.n, b4.conv], [2, b3.conv]);
+  } finally {
+    await rig.close();
+  }
+});
+
+test("conversations: DELETE /v1/conversations/{user} needs the client's key and touches only its own mappings", async () => {
+  const rig = await startRig({ CONVERSATION_MODE: "user", PROXY_API_KEYS: "key-one,key-two" });
+  try {
+    const one = rig.bridge.client("key-one");
+    const ask = async (text: string) =>
+      convTurnOf((await convAsk(one, [user(text)], { extra: { user: "dave" } })).content);
+    const del = async (key: string) => {
+      const res = await fetch(`${rig.bridge.url}/conversations/dave`, {
         method: "DELETE",
-        headers: { authorization: "Bearer sk-test" },
+        headers: { authorization: `Bearer ${key}` },
       });
-      assert.equal(del.status, 200);
-      assert.equal((await del.json()).deleted, true);
-      const b3 = convTurnOf((await ask("bob", "b3")).content);
-      assert.equal(b3.n, 1, "bob starts over after DELETE");
-      assert.notEqual(b3.conv, b1.conv);
-      const c2 = convTurnOf((await ask("carol", "c2")).content);
-      assert.deepEqual([c2.n, c2.conv], [2, c1.conv], "carol is untouched");
-      const b4 = convTurnOf((await ask("bob", "b4")).content);
-      assert.deepEqual([b4.n, b4.conv], [2, b3.conv]);
-    } finally {
-      await rig.close();
-    }
-  },
+      await res.body?.cancel();
+      return res.status;
+    };
+    const first = await ask("d1");
+    assert.equal(await del("wrong-key"), 401);
+    assert.deepEqual(await ask("d2"), { n: 2, conv: first.conv }, "a wrong key deletes nothing");
+    assert.equal(await del("key-two"), 200);
+    assert.deepEqual(await ask("d3"), { n: 3, conv: first.conv }, "another client's DELETE touches nothing");
+    assert.equal(await del("key-one"), 200);
+    const fresh = await ask("d4");
+    assert.equal(fresh.n, 1);
+    assert.notEqual(fresh.conv, first.conv);
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: DELETE /v1/conversations/{user} needs the client's key and touches only its own mappings",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig({ CONVERSATION_MODE: "user", PROXY_API_KEYS: "key-one,key-two" });
-    try {
-      const one = rig.bridge.client("key-one");
-      const ask = async (text: string) =>
-        convTurnOf((await convAsk(one, [user(text)], { extra: { user: "dave" } })).content);
-      const del = async (key: string) => {
-        const res = await fetch(`${rig.bridge.url}/conversations/dave`, {
-          method: "DELETE",
-          headers: { authorization: `Bearer ${key}` },
-        });
-        await res.body?.cancel();
-        return res.status;
-      };
-      const first = await ask("d1");
-      assert.equal(await del("wrong-key"), 401);
-      assert.deepEqual(await ask("d2"), { n: 2, conv: first.conv }, "a wrong key deletes nothing");
-      assert.equal(await del("key-two"), 200);
-      assert.deepEqual(await ask("d3"), { n: 3, conv: first.conv }, "another client's DELETE touches nothing");
-      assert.equal(await del("key-one"), 200);
-      const fresh = await ask("d4");
-      assert.equal(fresh.n, 1);
-      assert.notEqual(fresh.conv, first.conv);
-    } finally {
-      await rig.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "conversations: CONVERSATION_MODE=off makes every request a new conversation with the history replayed",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig({ CONVERSATION_MODE: "off" });
-    try {
-      const chat = new ConvChat(rig.client, { extra: { user: "erin" } });
-      const answers = [await chat.say("one"), await chat.say("two"), await chat.say("three")];
-      const turns = answers.map((a) => convTurnOf(a.content));
-      assert.deepEqual(turns.map((t) => t.n), [1, 1, 1]);
-      assert.equal(new Set(turns.map((t) => t.conv)).size, 3);
-      const bodies = rig.fake.generateBodies();
-      assert.deepEqual(bodies.map((b) => b.conversation_id), ["", "", ""]);
-      assert.ok(bodies[2].query.includes("one") && bodies[2].query.includes(answers[1].content));
-    } finally {
-      await rig.close();
-    }
-  },
+test("conversations: CONVERSATION_MODE=off makes every request a new conversation with the history replayed", async () => {
+  const rig = await startRig({ CONVERSATION_MODE: "off" });
+  try {
+    const chat = new ConvChat(rig.client, { extra: { user: "erin" } });
+    const answers = [await chat.say("one"), await chat.say("two"), await chat.say("three")];
+    const turns = answers.map((a) => convTurnOf(a.content));
+    assert.deepEqual(turns.map((t) => t.n), [1, 1, 1]);
+    assert.equal(new Set(turns.map((t) => t.conv)).size, 3);
+    const bodies = rig.fake.generateBodies();
+    assert.deepEqual(bodies.map((b) => b.conversation_id), ["", "", ""]);
+    assert.ok(bodies[2].query.includes("one") && bodies[2].query.includes(answers[1].content));
+  } finally {
+    await rig.close();
+  }
 });
 
 // ─── client identity ────────────────────────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "conversations: two clients with identical messages and the same user never share a conversation",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig();
-    try {
-      // Identical answers (fault:huge_line) make the two clients' requests byte-identical.
-      const a = new ConvChat(rig.bridge.client("sk-client-a"), { extra: { user: "shared" } });
-      const b = new ConvChat(rig.bridge.client("sk-client-b"), { extra: { user: "shared" } });
-      const a1 = await a.say("hi fault:huge_line:16");
-      const b1 = await b.say("hi fault:huge_line:16");
-      assert.equal(a1.content, b1.content);
-      assert.deepEqual(a.messages, b.messages);
-      assert.notEqual(a1.conversationId, b1.conversationId);
-      const a2 = await a.say("next");
-      const b2 = await b.say("next");
-      assert.equal(a2.conversationId, a1.conversationId, "client A continues its own conversation");
-      assert.equal(b2.conversationId, b1.conversationId, "client B continues its own conversation");
-      assert.equal(convTurnOf(a2.content).n, 2);
-      assert.equal(convTurnOf(b2.content).n, 2);
-    } finally {
-      await rig.close();
-    }
-  },
+test("conversations: two clients with identical messages and the same user never share a conversation", async () => {
+  const rig = await startRig();
+  try {
+    // Identical answers (fault:huge_line) make the two clients' requests byte-identical.
+    const a = new ConvChat(rig.bridge.client("sk-client-a"), { extra: { user: "shared" } });
+    const b = new ConvChat(rig.bridge.client("sk-client-b"), { extra: { user: "shared" } });
+    const a1 = await a.say("hi fault:huge_line:16");
+    const b1 = await b.say("hi fault:huge_line:16");
+    assert.equal(a1.content, b1.content);
+    assert.deepEqual(a.messages, b.messages);
+    assert.notEqual(a1.conversationId, b1.conversationId);
+    const a2 = await a.say("next");
+    const b2 = await b.say("next");
+    assert.equal(a2.conversationId, a1.conversationId, "client A continues its own conversation");
+    assert.equal(b2.conversationId, b1.conversationId, "client B continues its own conversation");
+    assert.equal(convTurnOf(a2.content).n, 2);
+    assert.equal(convTurnOf(b2.content).n, 2);
+  } finally {
+    await rig.close();
+  }
 });
 
-Deno.test({
-  name: "conversations: two models on the same Dify app never share a conversation",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const rig = await startRig({ DIFY_APPS: JSON.stringify({ one: "app-chat", two: "app-chat" }) });
-    try {
-      const messages: ConvMessage[] = [user("hello")];
-      const a1 = await convAsk(rig.client, messages, { extra: { model: "one" } });
-      messages.push(assistant(a1.content), user("next"));
-      const b = await convAsk(rig.client, messages, { extra: { model: "two" } });
-      assert.equal(convTurnOf(b.content).n, 1, "model two starts its own conversation");
-      assert.notEqual(b.conversationId, a1.conversationId);
-      const a2 = await convAsk(rig.client, messages, { extra: { model: "one" } });
-      assert.deepEqual(convTurnOf(a2.content).n, 2);
-      assert.equal(a2.conversationId, a1.conversationId);
-    } finally {
-      await rig.close();
-    }
-  },
+test("conversations: two models on the same Dify app never share a conversation", async () => {
+  const rig = await startRig({ DIFY_APPS: JSON.stringify({ one: "app-chat", two: "app-chat" }) });
+  try {
+    const messages: ConvMessage[] = [user("hello")];
+    const a1 = await convAsk(rig.client, messages, { extra: { model: "one" } });
+    messages.push(assistant(a1.content), user("next"));
+    const b = await convAsk(rig.client, messages, { extra: { model: "two" } });
+    assert.equal(convTurnOf(b.content).n, 1, "model two starts its own conversation");
+    assert.notEqual(b.conversationId, a1.conversationId);
+    const a2 = await convAsk(rig.client, messages, { extra: { model: "one" } });
+    assert.deepEqual(convTurnOf(a2.content).n, 2);
+    assert.equal(a2.conversationId, a1.conversationId);
+  } finally {
+    await rig.close();
+  }
 });
 
 // ─── the write-through cache and a broken store ─────────────────────────────────────────────────
@@ -1289,68 +1189,58 @@ class ConvSlowStore implements Store {
   }
 }
 
-Deno.test({
-  name: "conversations: a turn sent the instant the previous stream ends continues (write-through cache)",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const stores: [string, number, (n: number) => number][] = [
-      ["Deno KV", 0, () => 0],
-      ["every write 100 ms late", 100, () => 100],
-      // Turn 2 is answered before turn 1's head is durable: its check-and-set must still see it,
-      // or turn 2's mapping is never stored and a later turn starts over.
-      ["each chat's first write 300 ms late", 300, (n) => n % 1000 === 0 ? 300 : 0],
-    ];
-    for (const [what, late, delay] of stores) {
-      const kv = new DenoKvStore(await Deno.openKv(":memory:"));
-      const slow = new ConvSlowStore(kv, delay);
-      const rig = await startRig({}, { store: slow });
-      try {
-        for (const stream of [true, false]) {
-          slow.writes = 0;
-          const chat = new ConvChat(rig.client, { stream });
-          const turns = [];
-          for (let i = 1; i <= 4; i++) turns.push(convTurnOf((await chat.say(`instant ${i}`)).content));
-          // A later turn, once every late write has landed.
-          await sleep(late + 50);
-          turns.push(convTurnOf((await chat.say("later")).content));
-          assert.deepEqual(turns.map((t) => t.n), [1, 2, 3, 4, 5], `${what}, stream ${stream}`);
-          assert.equal(new Set(turns.map((t) => t.conv)).size, 1);
-        }
-      } finally {
-        await rig.close();
-      }
-    }
-  },
-});
-
-Deno.test({
-  name: "conversations: DELETE right after an answer is not undone by that answer's late mapping write",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
+test("conversations: a turn sent the instant the previous stream ends continues (write-through cache)", async () => {
+  const stores: [string, number, (n: number) => number][] = [
+    ["Deno KV", 0, () => 0],
+    ["every write 100 ms late", 100, () => 100],
+    // Turn 2 is answered before turn 1's head is durable: its check-and-set must still see it,
+    // or turn 2's mapping is never stored and a later turn starts over.
+    ["each chat's first write 300 ms late", 300, (n) => n % 1000 === 0 ? 300 : 0],
+  ];
+  for (const [what, late, delay] of stores) {
     const kv = new DenoKvStore(await Deno.openKv(":memory:"));
-    // Mapping writes take 100 ms to land; deletes land at once.
-    const slow = new ConvSlowStore(kv, (_n, op) => op === "delete" ? 0 : 100);
-    const rig = await startRig({ CONVERSATION_MODE: "user" }, { store: slow });
+    const slow = new ConvSlowStore(kv, delay);
+    const rig = await startRig({}, { store: slow });
     try {
-      const ask = async (text: string) =>
-        convTurnOf((await convAsk(rig.client, [user(text)], { stream: true, extra: { user: "fay" } })).content);
-      const first = await ask("f1");
-      const del = await fetch(`${rig.bridge.url}/conversations/fay`, {
-        method: "DELETE",
-        headers: { authorization: "Bearer sk-test" },
-      });
-      assert.equal(del.status, 200);
-      await del.body?.cancel();
-      await sleep(200);
-      const next = await ask("f2");
-      assert.equal(next.n, 1, "the deleted conversation stays deleted");
-      assert.notEqual(next.conv, first.conv);
+      for (const stream of [true, false]) {
+        slow.writes = 0;
+        const chat = new ConvChat(rig.client, { stream });
+        const turns = [];
+        for (let i = 1; i <= 4; i++) turns.push(convTurnOf((await chat.say(`instant ${i}`)).content));
+        // A later turn, once every late write has landed.
+        await sleep(late + 50);
+        turns.push(convTurnOf((await chat.say("later")).content));
+        assert.deepEqual(turns.map((t) => t.n), [1, 2, 3, 4, 5], `${what}, stream ${stream}`);
+        assert.equal(new Set(turns.map((t) => t.conv)).size, 1);
+      }
     } finally {
       await rig.close();
     }
-  },
+  }
+});
+
+test("conversations: DELETE right after an answer is not undone by that answer's late mapping write", async () => {
+  const kv = new DenoKvStore(await Deno.openKv(":memory:"));
+  // Mapping writes take 100 ms to land; deletes land at once.
+  const slow = new ConvSlowStore(kv, (_n, op) => op === "delete" ? 0 : 100);
+  const rig = await startRig({ CONVERSATION_MODE: "user" }, { store: slow });
+  try {
+    const ask = async (text: string) =>
+      convTurnOf((await convAsk(rig.client, [user(text)], { stream: true, extra: { user: "fay" } })).content);
+    const first = await ask("f1");
+    const del = await fetch(`${rig.bridge.url}/conversations/fay`, {
+      method: "DELETE",
+      headers: { authorization: "Bearer sk-test" },
+    });
+    assert.equal(del.status, 200);
+    await del.body?.cancel();
+    await sleep(200);
+    const next = await ask("f2");
+    assert.equal(next.n, 1, "the deleted conversation stays deleted");
+    assert.notEqual(next.conv, first.conv);
+  } finally {
+    await rig.close();
+  }
 });
 
 for (const sync of [false, true]) {
@@ -1440,19 +1330,11 @@ async function convOpenClaw(prefix: "telegram" | "cli", difyUser: string) {
   }
 }
 
-Deno.test({
-  name: "conversations: OpenClaw Telegram turns 1 and 2 continue one Dify conversation as telegram:123456789",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn: () => convOpenClaw("telegram", "telegram:123456789"),
-});
+test("conversations: OpenClaw Telegram turns 1 and 2 continue one Dify conversation as telegram:123456789", () =>
+  convOpenClaw("telegram", "telegram:123456789"));
 
-Deno.test({
-  name: "conversations: OpenClaw CLI turns 1 and 2 continue one Dify conversation as the default user",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn: () => convOpenClaw("cli", "dify-openai"),
-});
+test("conversations: OpenClaw CLI turns 1 and 2 continue one Dify conversation as the default user", () =>
+  convOpenClaw("cli", "dify-openai"));
 
 // ═══ content ════════════════════════════════════════════════════════════════════════════════════
 
@@ -1528,568 +1410,498 @@ async function contentAbortMidStream(url: string, body: Record<string, unknown>,
 
 // ─── App types ──────────────────────────────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "content: a type from DIFY_APPS picks the endpoint without asking /info",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({
-      DIFY_API_KEY: "",
-      DIFY_APPS: JSON.stringify({
-        wf: { key: "app-workflow", type: "workflow" },
-        cmp: { key: "app-completion", type: "completion" },
-        flow: { key: "app-chatflow", type: "chatflow" },
-        ag: { key: "app-agent", type: "agent" },
-      }),
-    });
-    try {
-      const answers: Record<string, string> = {};
-      for (const model of ["wf", "cmp", "flow", "ag"]) {
-        const r = await env.client.chat.completions.create({ model, messages: [user(`hello ${model}`)] as never });
-        answers[model] = r.choices[0].message.content ?? "";
-      }
-      const paths = env.fake.requests.map((r) => `${r.method} ${r.path}`);
-      assert.deepEqual(paths, [
-        "POST /workflows/run",
-        "POST /completion-messages",
-        "POST /chat-messages",
-        "POST /chat-messages",
-      ]);
-      assert.equal(answers.wf, "Workflow: hello wf");
-      assert.equal(answers.cmp, "Completion: hello cmp");
-      assert.match(answers.flow, /^Turn 1 of [0-9a-f]{8}: hello flow$/);
-      assert.match(answers.ag, /^Turn 1 of [0-9a-f]{8}: hello ag$/);
-    } finally {
-      await env.close();
+test("content: a type from DIFY_APPS picks the endpoint without asking /info", async () => {
+  const env = await startRig({
+    DIFY_API_KEY: "",
+    DIFY_APPS: JSON.stringify({
+      wf: { key: "app-workflow", type: "workflow" },
+      cmp: { key: "app-completion", type: "completion" },
+      flow: { key: "app-chatflow", type: "chatflow" },
+      ag: { key: "app-agent", type: "agent" },
+    }),
+  });
+  try {
+    const answers: Record<string, string> = {};
+    for (const model of ["wf", "cmp", "flow", "ag"]) {
+      const r = await env.client.chat.completions.create({ model, messages: [user(`hello ${model}`)] as never });
+      answers[model] = r.choices[0].message.content ?? "";
     }
-  },
+    const paths = env.fake.requests.map((r) => `${r.method} ${r.path}`);
+    assert.deepEqual(paths, [
+      "POST /workflows/run",
+      "POST /completion-messages",
+      "POST /chat-messages",
+      "POST /chat-messages",
+    ]);
+    assert.equal(answers.wf, "Workflow: hello wf");
+    assert.equal(answers.cmp, "Completion: hello cmp");
+    assert.match(answers.flow, /^Turn 1 of [0-9a-f]{8}: hello flow$/);
+    assert.match(answers.ag, /^Turn 1 of [0-9a-f]{8}: hello ag$/);
+  } finally {
+    await env.close();
+  }
 });
 
-Deno.test({
-  name: "content: an unknown type is detected from GET /info once and cached",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "app-workflow" });
-    try {
-      // Concurrent first requests share one detection.
-      const first = await Promise.all(
-        [1, 2, 3].map((i) => env.client.chat.completions.create({ model: "dify", messages: [user(`q${i}`)] as never })),
-      );
-      for (const [i, r] of first.entries()) assert.equal(r.choices[0].message.content, `Workflow: q${i + 1}`);
-      const streamed = await streamText(env.client, { model: "any-name", messages: [user("q4")] });
-      assert.equal(streamed.content, "Workflow: q4");
-      const infos = env.fake.requests.filter((r) => r.path === "/info");
-      assert.equal(infos.length, 1, "one /info request for four chat requests");
-      assert.equal(infos[0].key, "app-workflow");
-      assert.equal(env.fake.requests.filter((r) => r.path === "/workflows/run").length, 4);
-      assert.equal(env.fake.requests.filter((r) => r.path === "/chat-messages").length, 0);
-    } finally {
-      await env.close();
-    }
-    // Keys brought by the client are detected per key.
-    const fake = await startFakeDify();
-    const bridge = await startBridge({ DIFY_API_URL: fake.url });
-    try {
-      const c = await bridge.client("app-completion").chat.completions.create({
-        model: "x",
-        messages: [user("one")] as never,
-      });
-      assert.equal(c.choices[0].message.content, "Completion: one");
-      const f = await bridge.client("app-chatflow").chat.completions.create({
-        model: "x",
-        messages: [user("two")] as never,
-      });
-      assert.match(f.choices[0].message.content ?? "", /^Turn 1 of [0-9a-f]{8}: two$/);
-      await bridge.client("app-completion").chat.completions.create({ model: "x", messages: [user("three")] as never });
-      assert.deepEqual(fake.requests.filter((r) => r.path === "/info").map((r) => r.key), [
-        "app-completion",
-        "app-chatflow",
-      ]);
-    } finally {
-      await bridge.close();
-      await fake.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: workflow apps get the text in the input variable and answer from text_chunk",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({
-      DIFY_API_KEY: "",
-      DIFY_APPS: JSON.stringify({
-        wf: { key: "app-workflow", type: "workflow" },
-        wfq: { key: "app-workflow-2", type: "workflow", input: "question" },
-      }),
-    });
-    try {
-      const r = await env.client.chat.completions.create({ model: "wf", messages: [user("what is dify")] as never });
-      assert.equal(r.choices[0].message.content, "Workflow: what is dify");
-      let body = env.fake.lastBody("/workflows/run");
-      assert.equal(body.inputs.query, "what is dify");
-      assert.equal(body.response_mode, "streaming");
-      assert.equal(body.query, undefined, "a workflow run has no top-level query");
-      assert.equal(body.conversation_id, undefined, "a workflow run has no conversation");
-
-      const s = await streamText(env.client, { model: "wfq", messages: [user("per-app input")] });
-      assert.equal(s.content, "Workflow: per-app input");
-      body = env.fake.lastBody("/workflows/run");
-      assert.equal(body.inputs.question, "per-app input");
-      assert.equal(body.inputs.query, undefined);
-
-      // The recorded fixture: text_chunks are the answer, workflow_finished is not repeated.
-      const events = await fixtureEvents("workflow_run");
-      const chunks = events.filter((e) => e.event === "text_chunk").map((e) => (e.data as { text: string }).text)
-        .join("");
-      const total = (events.find((e) => e.event === "workflow_finished")!.data as { total_tokens: number })
-        .total_tokens;
-      for (const stream of [false, true]) {
-        const out = stream
-          ? await streamText(env.client, {
-            model: "wf",
-            messages: [user("fixture:workflow_run")],
-            stream_options: { include_usage: true },
-          })
-          : await env.client.chat.completions.create({ model: "wf", messages: [user("fixture:workflow_run")] as never })
-            .then((x) => ({ content: x.choices[0].message.content, usage: x.usage }));
-        assert.equal(out.content, chunks, `stream=${stream}`);
-        assert.equal(out.usage?.total_tokens, total, "usage falls back to the workflow's total_tokens");
-      }
-    } finally {
-      await env.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: workflow answers come from outputs when nothing streamed, never [object Object]",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({
-      DIFY_API_KEY: "",
-      DIFY_APPS: JSON.stringify({
-        wf: { key: "app-workflow", type: "workflow" },
-        wfb: { key: "app-workflow-b", type: "workflow", output: "b" },
-      }),
-    });
-    try {
-      for (const stream of [false, true]) {
-        const ask = async (model: string, text: string) =>
-          stream
-            ? (await streamText(env.client, { model, messages: [user(text)] })).content
-            : (await env.client.chat.completions.create({ model, messages: [user(text)] as never })).choices[0]
-              .message.content;
-        // outputs {answer: "..."} and no text_chunk
-        assert.equal(await ask("wf", "fault:workflow_no_chunks hi"), "Workflow: fault:workflow_no_chunks hi");
-        // outputs {a: 1, b: {c: 2}}: no usual name → all outputs as JSON
-        const all = await ask("wf", "fault:workflow_outputs_object");
-        assert.ok(!String(all).includes("[object Object]"));
-        assert.deepEqual(JSON.parse(String(all)), { a: 1, b: { c: 2 } });
-        // the per-app output key picks one value, an object as JSON
-        const b = await ask("wfb", "fault:workflow_outputs_object");
-        assert.deepEqual(JSON.parse(String(b)), { c: 2 });
-      }
-    } finally {
-      await env.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: a failed workflow run is an OpenAI error, as HTTP status when nothing was streamed",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "app-workflow" });
-    const events = await fixtureEvents("workflow_run_failed");
-    const reason = String((events.find((e) => e.event === "workflow_finished")!.data as { error: string }).error);
-    try {
-      const body = { model: "dify", messages: [user("fixture:workflow_run_failed")] };
-      const plain = await rawChat(env.bridge.url, body);
-      assert.ok(plain.status >= 400, `status ${plain.status}`);
-      const err = contentError(plain.text);
-      assert.equal(err.code, "workflow_failed");
-      assert.ok(err.message.includes(reason.slice(0, 40)), err.message);
-      const streamed = await rawChat(env.bridge.url, { ...body, stream: true });
-      assert.equal(streamed.status, plain.status, "streaming: still an HTTP error, nothing was streamed");
-      assert.equal(contentError(streamed.text).code, "workflow_failed");
-      await assert.rejects(
-        env.client.chat.completions.create(body as never),
-        (e: unknown) => e instanceof OpenAI.APIError && e.status === plain.status,
-      );
-    } finally {
-      await env.close();
-    }
-    // Text already streamed, then the run fails: the stream carries the text, then an error frame.
-    const mini = await contentMiniDify(() =>
-      contentSse([
-        { event: "workflow_started", workflow_run_id: "r1", task_id: "t1", data: { id: "r1" } },
-        { event: "text_chunk", workflow_run_id: "r1", task_id: "t1", data: { text: "partial " } },
-        { event: "text_chunk", workflow_run_id: "r1", task_id: "t1", data: { text: "answer" } },
-        {
-          event: "workflow_finished",
-          workflow_run_id: "r1",
-          task_id: "t1",
-          data: { id: "r1", status: "failed", outputs: {}, error: "node exploded", total_tokens: 3 },
-        },
-      ])
+test("content: an unknown type is detected from GET /info once and cached", async () => {
+  const env = await startRig({ DIFY_API_KEY: "app-workflow" });
+  try {
+    // Concurrent first requests share one detection.
+    const first = await Promise.all(
+      [1, 2, 3].map((i) => env.client.chat.completions.create({ model: "dify", messages: [user(`q${i}`)] as never })),
     );
-    const bridge = await startBridge({
-      DIFY_API_URL: mini.url,
-      DIFY_APPS: JSON.stringify({ wf: { key: "app-x", type: "workflow" } }),
+    for (const [i, r] of first.entries()) assert.equal(r.choices[0].message.content, `Workflow: q${i + 1}`);
+    const streamed = await streamText(env.client, { model: "any-name", messages: [user("q4")] });
+    assert.equal(streamed.content, "Workflow: q4");
+    const infos = env.fake.requests.filter((r) => r.path === "/info");
+    assert.equal(infos.length, 1, "one /info request for four chat requests");
+    assert.equal(infos[0].key, "app-workflow");
+    assert.equal(env.fake.requests.filter((r) => r.path === "/workflows/run").length, 4);
+    assert.equal(env.fake.requests.filter((r) => r.path === "/chat-messages").length, 0);
+  } finally {
+    await env.close();
+  }
+  // Keys brought by the client are detected per key.
+  const fake = await startFakeDify();
+  const bridge = await startBridge({ DIFY_API_URL: fake.url });
+  try {
+    const c = await bridge.client("app-completion").chat.completions.create({
+      model: "x",
+      messages: [user("one")] as never,
     });
-    try {
-      const r = await rawChat(bridge.url, { model: "wf", messages: [user("go")], stream: true });
-      assert.equal(r.status, 200);
-      const read = contentRead(r.text);
-      assert.equal(read.content, "partial answer");
-      assert.equal(read.last.error?.code, "workflow_failed");
-      assert.match(read.last.error!.message, /node exploded/);
-      assert.ok(!read.done, "a failed stream does not end with [DONE]");
-      const plain = await rawChat(bridge.url, { model: "wf", messages: [user("go")] });
-      assert.ok(plain.status >= 400);
-      assert.equal(contentError(plain.text).code, "workflow_failed");
-    } finally {
-      await bridge.close();
-      await mini.close();
-    }
-  },
+    assert.equal(c.choices[0].message.content, "Completion: one");
+    const f = await bridge.client("app-chatflow").chat.completions.create({
+      model: "x",
+      messages: [user("two")] as never,
+    });
+    assert.match(f.choices[0].message.content ?? "", /^Turn 1 of [0-9a-f]{8}: two$/);
+    await bridge.client("app-completion").chat.completions.create({ model: "x", messages: [user("three")] as never });
+    assert.deepEqual(fake.requests.filter((r) => r.path === "/info").map((r) => r.key), [
+      "app-completion",
+      "app-chatflow",
+    ]);
+  } finally {
+    await bridge.close();
+    await fake.close();
+  }
 });
 
-Deno.test({
-  name: "content: completion apps post the text as inputs.query to /completion-messages",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "app-completion" });
-    try {
-      const r = await env.client.chat.completions.create({
-        model: "dify",
-        messages: [user("translate this")] as never,
-        user: "u-7",
-      });
-      assert.equal(r.choices[0].message.content, "Completion: translate this");
-      const body = env.fake.lastBody("/completion-messages");
-      assert.equal(body.inputs.query, "translate this");
-      assert.equal(body.user, "u-7");
-      assert.equal(body.conversation_id, undefined);
-      const events = await fixtureEvents("completion_basic");
-      const s = await streamText(env.client, {
-        model: "dify",
-        messages: [user("fixture:completion_basic")],
-        stream_options: { include_usage: true },
-      });
-      assert.equal(s.content, answerOf(events));
-      assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens);
-    } finally {
-      await env.close();
+test("content: workflow apps get the text in the input variable and answer from text_chunk", async () => {
+  const env = await startRig({
+    DIFY_API_KEY: "",
+    DIFY_APPS: JSON.stringify({
+      wf: { key: "app-workflow", type: "workflow" },
+      wfq: { key: "app-workflow-2", type: "workflow", input: "question" },
+    }),
+  });
+  try {
+    const r = await env.client.chat.completions.create({ model: "wf", messages: [user("what is dify")] as never });
+    assert.equal(r.choices[0].message.content, "Workflow: what is dify");
+    let body = env.fake.lastBody("/workflows/run");
+    assert.equal(body.inputs.query, "what is dify");
+    assert.equal(body.response_mode, "streaming");
+    assert.equal(body.query, undefined, "a workflow run has no top-level query");
+    assert.equal(body.conversation_id, undefined, "a workflow run has no conversation");
+
+    const s = await streamText(env.client, { model: "wfq", messages: [user("per-app input")] });
+    assert.equal(s.content, "Workflow: per-app input");
+    body = env.fake.lastBody("/workflows/run");
+    assert.equal(body.inputs.question, "per-app input");
+    assert.equal(body.inputs.query, undefined);
+
+    // The recorded fixture: text_chunks are the answer, workflow_finished is not repeated.
+    const events = await fixtureEvents("workflow_run");
+    const chunks = events.filter((e) => e.event === "text_chunk").map((e) => (e.data as { text: string }).text)
+      .join("");
+    const total = (events.find((e) => e.event === "workflow_finished")!.data as { total_tokens: number })
+      .total_tokens;
+    for (const stream of [false, true]) {
+      const out = stream
+        ? await streamText(env.client, {
+          model: "wf",
+          messages: [user("fixture:workflow_run")],
+          stream_options: { include_usage: true },
+        })
+        : await env.client.chat.completions.create({ model: "wf", messages: [user("fixture:workflow_run")] as never })
+          .then((x) => ({ content: x.choices[0].message.content, usage: x.usage }));
+      assert.equal(out.content, chunks, `stream=${stream}`);
+      assert.equal(out.usage?.total_tokens, total, "usage falls back to the workflow's total_tokens");
     }
-  },
+  } finally {
+    await env.close();
+  }
+});
+
+test("content: workflow answers come from outputs when nothing streamed, never [object Object]", async () => {
+  const env = await startRig({
+    DIFY_API_KEY: "",
+    DIFY_APPS: JSON.stringify({
+      wf: { key: "app-workflow", type: "workflow" },
+      wfb: { key: "app-workflow-b", type: "workflow", output: "b" },
+    }),
+  });
+  try {
+    for (const stream of [false, true]) {
+      const ask = async (model: string, text: string) =>
+        stream
+          ? (await streamText(env.client, { model, messages: [user(text)] })).content
+          : (await env.client.chat.completions.create({ model, messages: [user(text)] as never })).choices[0]
+            .message.content;
+      // outputs {answer: "..."} and no text_chunk
+      assert.equal(await ask("wf", "fault:workflow_no_chunks hi"), "Workflow: fault:workflow_no_chunks hi");
+      // outputs {a: 1, b: {c: 2}}: no usual name → all outputs as JSON
+      const all = await ask("wf", "fault:workflow_outputs_object");
+      assert.ok(!String(all).includes("[object Object]"));
+      assert.deepEqual(JSON.parse(String(all)), { a: 1, b: { c: 2 } });
+      // the per-app output key picks one value, an object as JSON
+      const b = await ask("wfb", "fault:workflow_outputs_object");
+      assert.deepEqual(JSON.parse(String(b)), { c: 2 });
+    }
+  } finally {
+    await env.close();
+  }
+});
+
+test("content: a failed workflow run is an OpenAI error, as HTTP status when nothing was streamed", async () => {
+  const env = await startRig({ DIFY_API_KEY: "app-workflow" });
+  const events = await fixtureEvents("workflow_run_failed");
+  const reason = String((events.find((e) => e.event === "workflow_finished")!.data as { error: string }).error);
+  try {
+    const body = { model: "dify", messages: [user("fixture:workflow_run_failed")] };
+    const plain = await rawChat(env.bridge.url, body);
+    assert.ok(plain.status >= 400, `status ${plain.status}`);
+    const err = contentError(plain.text);
+    assert.equal(err.code, "workflow_failed");
+    assert.ok(err.message.includes(reason.slice(0, 40)), err.message);
+    const streamed = await rawChat(env.bridge.url, { ...body, stream: true });
+    assert.equal(streamed.status, plain.status, "streaming: still an HTTP error, nothing was streamed");
+    assert.equal(contentError(streamed.text).code, "workflow_failed");
+    await assert.rejects(
+      env.client.chat.completions.create(body as never),
+      (e: unknown) => e instanceof OpenAI.APIError && e.status === plain.status,
+    );
+  } finally {
+    await env.close();
+  }
+  // Text already streamed, then the run fails: the stream carries the text, then an error frame.
+  const mini = await contentMiniDify(() =>
+    contentSse([
+      { event: "workflow_started", workflow_run_id: "r1", task_id: "t1", data: { id: "r1" } },
+      { event: "text_chunk", workflow_run_id: "r1", task_id: "t1", data: { text: "partial " } },
+      { event: "text_chunk", workflow_run_id: "r1", task_id: "t1", data: { text: "answer" } },
+      {
+        event: "workflow_finished",
+        workflow_run_id: "r1",
+        task_id: "t1",
+        data: { id: "r1", status: "failed", outputs: {}, error: "node exploded", total_tokens: 3 },
+      },
+    ])
+  );
+  const bridge = await startBridge({
+    DIFY_API_URL: mini.url,
+    DIFY_APPS: JSON.stringify({ wf: { key: "app-x", type: "workflow" } }),
+  });
+  try {
+    const r = await rawChat(bridge.url, { model: "wf", messages: [user("go")], stream: true });
+    assert.equal(r.status, 200);
+    const read = contentRead(r.text);
+    assert.equal(read.content, "partial answer");
+    assert.equal(read.last.error?.code, "workflow_failed");
+    assert.match(read.last.error!.message, /node exploded/);
+    assert.ok(!read.done, "a failed stream does not end with [DONE]");
+    const plain = await rawChat(bridge.url, { model: "wf", messages: [user("go")] });
+    assert.ok(plain.status >= 400);
+    assert.equal(contentError(plain.text).code, "workflow_failed");
+  } finally {
+    await bridge.close();
+    await mini.close();
+  }
+});
+
+test("content: completion apps post the text as inputs.query to /completion-messages", async () => {
+  const env = await startRig({ DIFY_API_KEY: "app-completion" });
+  try {
+    const r = await env.client.chat.completions.create({
+      model: "dify",
+      messages: [user("translate this")] as never,
+      user: "u-7",
+    });
+    assert.equal(r.choices[0].message.content, "Completion: translate this");
+    const body = env.fake.lastBody("/completion-messages");
+    assert.equal(body.inputs.query, "translate this");
+    assert.equal(body.user, "u-7");
+    assert.equal(body.conversation_id, undefined);
+    const events = await fixtureEvents("completion_basic");
+    const s = await streamText(env.client, {
+      model: "dify",
+      messages: [user("fixture:completion_basic")],
+      stream_options: { include_usage: true },
+    });
+    assert.equal(s.content, answerOf(events));
+    assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens);
+  } finally {
+    await env.close();
+  }
 });
 
 // ─── Chatflow ───────────────────────────────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "content: chatflow node/workflow events never leak; usage comes from message_end",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "app-chatflow" });
-    try {
-      for (const fixture of ["chatflow", "chatflow_pre113_order"]) {
-        const events = await fixtureEvents(fixture);
-        const expected = answerOf(events);
-        const s = await streamText(env.client, {
-          model: "dify",
-          messages: [user(`fixture:${fixture}`)],
-          stream_options: { include_usage: true },
-        });
-        assert.equal(s.content, expected, fixture);
-        assert.equal(s.reasoning, "", "no node progress without REASONING_NODES");
-        assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens, fixture);
-        const r = await env.client.chat.completions.create({
-          model: "dify",
-          messages: [user(`fixture:${fixture}`)] as never,
-        });
-        assert.equal(r.choices[0].message.content, expected, fixture);
-        assert.equal(r.usage?.total_tokens, usageOf(events).total_tokens);
-      }
-    } finally {
-      await env.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: chatflow terminal order (message_end first, workflow_finished first, none) gives the same answer",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const raw = contentDecoder.decode(await readFixture("chatflow.sse"));
-    const frames = raw.split("\n\n").filter(Boolean).map((f) => f + "\n\n");
-    const end = frames.findIndex((f) => f.includes('"event":"message_end"'));
-    const wf = frames.findIndex((f) => f.includes('"event":"workflow_finished"'));
-    assert.ok(end >= 0 && wf === end + 1, "chatflow.sse: message_end then workflow_finished");
-    const swapped = [...frames];
-    [swapped[end], swapped[wf]] = [swapped[wf], swapped[end]];
-    const noEnd = frames.filter((_, i) => i !== end);
-    const variants: Record<string, string> = {
-      modern: frames.join(""),
-      legacy: swapped.join(""),
-      no_message_end: noEnd.join(""),
-    };
-    const mini = await contentMiniDify((_path, body) => variants[String(body.query)]);
-    const bridge = await startBridge({ DIFY_API_URL: mini.url, DIFY_API_KEY: "app-flow", CONVERSATION_MODE: "off" });
-    const events = await fixtureEvents("chatflow");
-    const workflowTotal = (events.find((e) => e.event === "workflow_finished")!.data as { total_tokens: number })
-      .total_tokens;
-    try {
-      const results: Record<string, { content: string; total?: number }> = {};
-      for (const name of Object.keys(variants)) {
-        const s = await streamText(bridge.client(), {
-          model: "dify",
-          messages: [user(name)],
-          stream_options: { include_usage: true },
-        });
-        const r = await bridge.client().chat.completions.create({ model: "dify", messages: [user(name)] as never });
-        assert.equal(r.choices[0].message.content, s.content, name);
-        assert.equal(r.usage?.total_tokens, s.usage?.total_tokens, name);
-        results[name] = { content: s.content, total: s.usage?.total_tokens };
-      }
-      assert.equal(results.modern.content, answerOf(events));
-      assert.deepEqual(results.legacy, results.modern);
-      assert.equal(results.modern.total, usageOf(events).total_tokens);
-      assert.equal(results.no_message_end.content, results.modern.content);
-      assert.equal(results.no_message_end.total, workflowTotal, "without message_end: the workflow's total_tokens");
-    } finally {
-      await bridge.close();
-      await mini.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: a failed chatflow is an error, after the text already streamed",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "app-chatflow" });
-    const events = await fixtureEvents("chatflow_failed");
-    try {
-      const body = { model: "dify", messages: [user("fixture:chatflow_failed")] };
-      const plain = await rawChat(env.bridge.url, body);
-      assert.ok(plain.status >= 400, `status ${plain.status}`);
-      assert.ok(contentError(plain.text).message.length > 0);
-      const streamed = await rawChat(env.bridge.url, { ...body, stream: true });
-      // The message chunks come before the failure: the stream has started, the error is its last frame.
-      assert.equal(streamed.status, 200);
-      const read = contentRead(streamed.text);
-      assert.equal(read.content, answerOf(events), "only the message text, no node events");
-      assert.ok(read.last.error, "ends with an error frame");
-      assert.ok(!read.done);
-    } finally {
-      await env.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: REASONING_NODES=1 shows chatflow node progress in reasoning, never in content",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "app-chatflow", REASONING_NODES: "1" });
-    try {
-      const events = await fixtureEvents("chatflow");
-      const titles = events.filter((e) => e.event === "node_started").map((e) => (e.data as { title: string }).title);
-      assert.ok(titles.length >= 3);
-      const s = await streamText(env.client, { model: "dify", messages: [user("fixture:chatflow")] });
-      assert.equal(s.content, answerOf(events));
-      for (const title of titles) assert.ok(s.reasoning.includes(title), `reasoning names node ${title}`);
-      for (const title of titles) assert.ok(!s.content.includes(title));
+test("content: chatflow node/workflow events never leak; usage comes from message_end", async () => {
+  const env = await startRig({ DIFY_API_KEY: "app-chatflow" });
+  try {
+    for (const fixture of ["chatflow", "chatflow_pre113_order"]) {
+      const events = await fixtureEvents(fixture);
+      const expected = answerOf(events);
+      const s = await streamText(env.client, {
+        model: "dify",
+        messages: [user(`fixture:${fixture}`)],
+        stream_options: { include_usage: true },
+      });
+      assert.equal(s.content, expected, fixture);
+      assert.equal(s.reasoning, "", "no node progress without REASONING_NODES");
+      assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens, fixture);
       const r = await env.client.chat.completions.create({
         model: "dify",
-        messages: [user("fixture:chatflow")] as never,
+        messages: [user(`fixture:${fixture}`)] as never,
       });
-      const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
-      assert.equal(message.content, answerOf(events));
-      assert.equal(message.reasoning_content, s.reasoning);
-    } finally {
-      await env.close();
+      assert.equal(r.choices[0].message.content, expected, fixture);
+      assert.equal(r.usage?.total_tokens, usageOf(events).total_tokens);
     }
-  },
+  } finally {
+    await env.close();
+  }
+});
+
+test("content: chatflow terminal order (message_end first, workflow_finished first, none) gives the same answer", async () => {
+  const raw = contentDecoder.decode(await readFixture("chatflow.sse"));
+  const frames = raw.split("\n\n").filter(Boolean).map((f) => f + "\n\n");
+  const end = frames.findIndex((f) => f.includes('"event":"message_end"'));
+  const wf = frames.findIndex((f) => f.includes('"event":"workflow_finished"'));
+  assert.ok(end >= 0 && wf === end + 1, "chatflow.sse: message_end then workflow_finished");
+  const swapped = [...frames];
+  [swapped[end], swapped[wf]] = [swapped[wf], swapped[end]];
+  const noEnd = frames.filter((_, i) => i !== end);
+  const variants: Record<string, string> = {
+    modern: frames.join(""),
+    legacy: swapped.join(""),
+    no_message_end: noEnd.join(""),
+  };
+  const mini = await contentMiniDify((_path, body) => variants[String(body.query)]);
+  const bridge = await startBridge({ DIFY_API_URL: mini.url, DIFY_API_KEY: "app-flow", CONVERSATION_MODE: "off" });
+  const events = await fixtureEvents("chatflow");
+  const workflowTotal = (events.find((e) => e.event === "workflow_finished")!.data as { total_tokens: number })
+    .total_tokens;
+  try {
+    const results: Record<string, { content: string; total?: number }> = {};
+    for (const name of Object.keys(variants)) {
+      const s = await streamText(bridge.client(), {
+        model: "dify",
+        messages: [user(name)],
+        stream_options: { include_usage: true },
+      });
+      const r = await bridge.client().chat.completions.create({ model: "dify", messages: [user(name)] as never });
+      assert.equal(r.choices[0].message.content, s.content, name);
+      assert.equal(r.usage?.total_tokens, s.usage?.total_tokens, name);
+      results[name] = { content: s.content, total: s.usage?.total_tokens };
+    }
+    assert.equal(results.modern.content, answerOf(events));
+    assert.deepEqual(results.legacy, results.modern);
+    assert.equal(results.modern.total, usageOf(events).total_tokens);
+    assert.equal(results.no_message_end.content, results.modern.content);
+    assert.equal(results.no_message_end.total, workflowTotal, "without message_end: the workflow's total_tokens");
+  } finally {
+    await bridge.close();
+    await mini.close();
+  }
+});
+
+test("content: a failed chatflow is an error, after the text already streamed", async () => {
+  const env = await startRig({ DIFY_API_KEY: "app-chatflow" });
+  const events = await fixtureEvents("chatflow_failed");
+  try {
+    const body = { model: "dify", messages: [user("fixture:chatflow_failed")] };
+    const plain = await rawChat(env.bridge.url, body);
+    assert.ok(plain.status >= 400, `status ${plain.status}`);
+    assert.ok(contentError(plain.text).message.length > 0);
+    const streamed = await rawChat(env.bridge.url, { ...body, stream: true });
+    // The message chunks come before the failure: the stream has started, the error is its last frame.
+    assert.equal(streamed.status, 200);
+    const read = contentRead(streamed.text);
+    assert.equal(read.content, answerOf(events), "only the message text, no node events");
+    assert.ok(read.last.error, "ends with an error frame");
+    assert.ok(!read.done);
+  } finally {
+    await env.close();
+  }
+});
+
+test("content: REASONING_NODES=1 shows chatflow node progress in reasoning, never in content", async () => {
+  const env = await startRig({ DIFY_API_KEY: "app-chatflow", REASONING_NODES: "1" });
+  try {
+    const events = await fixtureEvents("chatflow");
+    const titles = events.filter((e) => e.event === "node_started").map((e) => (e.data as { title: string }).title);
+    assert.ok(titles.length >= 3);
+    const s = await streamText(env.client, { model: "dify", messages: [user("fixture:chatflow")] });
+    assert.equal(s.content, answerOf(events));
+    for (const title of titles) assert.ok(s.reasoning.includes(title), `reasoning names node ${title}`);
+    for (const title of titles) assert.ok(!s.content.includes(title));
+    const r = await env.client.chat.completions.create({
+      model: "dify",
+      messages: [user("fixture:chatflow")] as never,
+    });
+    const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
+    assert.equal(message.content, answerOf(events));
+    assert.equal(message.reasoning_content, s.reasoning);
+  } finally {
+    await env.close();
+  }
 });
 
 // ─── Images and files ───────────────────────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "content: http(s) image_url parts go to Dify as remote_url and the bridge never fetches them",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    let hits = 0;
-    const images = Deno.serve({ port: 0, hostname: "127.0.0.1", onListen() {} }, () => {
-      hits++;
-      return new Response(new Uint8Array([0x89, 0x50, 0x4e, 0x47]), { headers: { "content-type": "image/png" } });
+test("content: http(s) image_url parts go to Dify as remote_url and the bridge never fetches them", async () => {
+  let hits = 0;
+  const images = Deno.serve({ port: 0, hostname: "127.0.0.1", onListen() {} }, () => {
+    hits++;
+    return new Response(new Uint8Array([0x89, 0x50, 0x4e, 0x47]), { headers: { "content-type": "image/png" } });
+  });
+  const base = `http://127.0.0.1:${images.addr.port}`;
+  const env = await startRig();
+  try {
+    const r = await env.client.chat.completions.create({
+      model: "dify",
+      messages: [user([
+        { type: "text", text: "what is in these?" },
+        { type: "image_url", image_url: { url: `${base}/cat.png`, detail: "high" } },
+        { type: "input_image", image_url: `${base}/dog.jpg` },
+      ])] as never,
     });
-    const base = `http://127.0.0.1:${images.addr.port}`;
-    const env = await startRig();
-    try {
-      const r = await env.client.chat.completions.create({
-        model: "dify",
-        messages: [user([
-          { type: "text", text: "what is in these?" },
-          { type: "image_url", image_url: { url: `${base}/cat.png`, detail: "high" } },
-          { type: "input_image", image_url: `${base}/dog.jpg` },
-        ])] as never,
-      });
-      assert.match(r.choices[0].message.content ?? "", /what is in these\?$/);
-      const body = env.fake.lastBody("/chat-messages");
-      assert.equal(body.query, "what is in these?");
-      assert.deepEqual(body.files, [
-        { type: "image", transfer_method: "remote_url", url: `${base}/cat.png` },
-        { type: "image", transfer_method: "remote_url", url: `${base}/dog.jpg` },
-      ]);
-      assert.equal(env.fake.requests.filter((q) => q.path === "/files/upload").length, 0);
-      assert.equal(hits, 0, "the bridge never fetches a client's URL");
-    } finally {
-      await env.close();
-      await images.shutdown();
-    }
-  },
+    assert.match(r.choices[0].message.content ?? "", /what is in these\?$/);
+    const body = env.fake.lastBody("/chat-messages");
+    assert.equal(body.query, "what is in these?");
+    assert.deepEqual(body.files, [
+      { type: "image", transfer_method: "remote_url", url: `${base}/cat.png` },
+      { type: "image", transfer_method: "remote_url", url: `${base}/dog.jpg` },
+    ]);
+    assert.equal(env.fake.requests.filter((q) => q.path === "/files/upload").length, 0);
+    assert.equal(hits, 0, "the bridge never fetches a client's URL");
+  } finally {
+    await env.close();
+    await images.shutdown();
+  }
 });
 
-Deno.test({
-  name: "content: data: images are uploaded with the chat's user and sent as local_file",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig();
-    const png = new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3, 250]);
-    const dataUrl = `data:image/png;base64,${btoa(String.fromCharCode(...png))}`;
-    try {
-      for (const who of ["alice", undefined]) {
-        env.fake.reset();
-        const s = await streamText(env.client, {
-          model: "dify",
-          messages: [user([{ type: "text", text: "describe" }, { type: "image_url", image_url: { url: dataUrl } }])],
-          ...(who ? { user: who } : {}),
-        });
-        assert.match(s.content, /describe$/);
-        const calls = env.fake.requests.filter((q) => q.path !== "/info");
-        assert.deepEqual(calls.map((q) => q.path), ["/files/upload", "/chat-messages"], "upload, then the chat call");
-        const upload = calls[0];
-        const chat = calls[1].body;
-        assert.equal(upload.body.user, chat.user, "the upload and the chat call name the same user");
-        if (who) assert.equal(chat.user, who);
-        assert.equal(upload.body.contentType, "image/png");
-        assert.deepEqual([...upload.body.bytes], [...png], "the decoded bytes reach Dify");
-        assert.equal(chat.files.length, 1);
-        const [file] = chat.files;
-        assert.equal(file.type, "image");
-        assert.equal(file.transfer_method, "local_file");
-        assert.ok(env.fake.uploads.has(file.upload_file_id), "upload_file_id is the id Dify returned");
-        assert.equal(env.fake.uploads.get(file.upload_file_id)!.user, chat.user);
-      }
-    } finally {
-      await env.close();
+test("content: data: images are uploaded with the chat's user and sent as local_file", async () => {
+  const env = await startRig();
+  const png = new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3, 250]);
+  const dataUrl = `data:image/png;base64,${btoa(String.fromCharCode(...png))}`;
+  try {
+    for (const who of ["alice", undefined]) {
+      env.fake.reset();
+      const s = await streamText(env.client, {
+        model: "dify",
+        messages: [user([{ type: "text", text: "describe" }, { type: "image_url", image_url: { url: dataUrl } }])],
+        ...(who ? { user: who } : {}),
+      });
+      assert.match(s.content, /describe$/);
+      const calls = env.fake.requests.filter((q) => q.path !== "/info");
+      assert.deepEqual(calls.map((q) => q.path), ["/files/upload", "/chat-messages"], "upload, then the chat call");
+      const upload = calls[0];
+      const chat = calls[1].body;
+      assert.equal(upload.body.user, chat.user, "the upload and the chat call name the same user");
+      if (who) assert.equal(chat.user, who);
+      assert.equal(upload.body.contentType, "image/png");
+      assert.deepEqual([...upload.body.bytes], [...png], "the decoded bytes reach Dify");
+      assert.equal(chat.files.length, 1);
+      const [file] = chat.files;
+      assert.equal(file.type, "image");
+      assert.equal(file.transfer_method, "local_file");
+      assert.ok(env.fake.uploads.has(file.upload_file_id), "upload_file_id is the id Dify returned");
+      assert.equal(env.fake.uploads.get(file.upload_file_id)!.user, chat.user);
     }
-  },
+  } finally {
+    await env.close();
+  }
 });
 
-Deno.test({
-  name: "content: file and input_file parts are uploaded with the Dify type from the file name",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig();
-    const b64 = (s: string) => btoa(s);
-    try {
-      const parts = [
-        { type: "text", text: "read these" },
-        { type: "file", file: { filename: "report.pdf", file_data: b64("%PDF-1.4 fake") } },
-        { type: "input_file", filename: "song.mp3", file_data: b64("ID3 fake") },
-        { type: "file", file: { filename: "clip.mp4", file_data: `data:video/mp4;base64,${b64("mp4 fake")}` } },
-        { type: "input_file", filename: "shot.png", file_data: b64("png fake") },
-        { type: "file", file: { filename: "thing.xyz", file_data: b64("who knows") } },
-      ];
-      const r = await env.client.chat.completions.create({
-        model: "dify",
-        messages: [user(parts)] as never,
-        user: "bob",
-      });
-      assert.match(r.choices[0].message.content ?? "", /read these$/);
-      const uploads = env.fake.requests.filter((q) => q.path === "/files/upload").map((q) => q.body);
-      assert.deepEqual(uploads.map((u) => u.filename).sort(), [
-        "clip.mp4",
-        "report.pdf",
-        "shot.png",
-        "song.mp3",
-        "thing.xyz",
-      ]);
-      for (const u of uploads) assert.equal(u.user, "bob");
-      const byName = new Map(uploads.map((u) => [u.filename, u]));
-      assert.equal(contentDecoder.decode(byName.get("report.pdf")!.bytes), "%PDF-1.4 fake");
-      assert.equal(contentDecoder.decode(byName.get("clip.mp4")!.bytes), "mp4 fake");
-      const chat = env.fake.lastBody("/chat-messages");
-      assert.equal(chat.user, "bob");
-      const types = Object.fromEntries(
-        chat.files.map((f: { type: string; transfer_method: string; upload_file_id: string }) => {
-          assert.equal(f.transfer_method, "local_file");
-          return [env.fake.uploads.get(f.upload_file_id)!.filename, f.type];
-        }),
-      );
-      assert.deepEqual(types, {
-        "report.pdf": "document",
-        "song.mp3": "audio",
-        "clip.mp4": "video",
-        "shot.png": "image",
-        "thing.xyz": "custom",
-      });
-    } finally {
-      await env.close();
-    }
-  },
+test("content: file and input_file parts are uploaded with the Dify type from the file name", async () => {
+  const env = await startRig();
+  const b64 = (s: string) => btoa(s);
+  try {
+    const parts = [
+      { type: "text", text: "read these" },
+      { type: "file", file: { filename: "report.pdf", file_data: b64("%PDF-1.4 fake") } },
+      { type: "input_file", filename: "song.mp3", file_data: b64("ID3 fake") },
+      { type: "file", file: { filename: "clip.mp4", file_data: `data:video/mp4;base64,${b64("mp4 fake")}` } },
+      { type: "input_file", filename: "shot.png", file_data: b64("png fake") },
+      { type: "file", file: { filename: "thing.xyz", file_data: b64("who knows") } },
+    ];
+    const r = await env.client.chat.completions.create({
+      model: "dify",
+      messages: [user(parts)] as never,
+      user: "bob",
+    });
+    assert.match(r.choices[0].message.content ?? "", /read these$/);
+    const uploads = env.fake.requests.filter((q) => q.path === "/files/upload").map((q) => q.body);
+    assert.deepEqual(uploads.map((u) => u.filename).sort(), [
+      "clip.mp4",
+      "report.pdf",
+      "shot.png",
+      "song.mp3",
+      "thing.xyz",
+    ]);
+    for (const u of uploads) assert.equal(u.user, "bob");
+    const byName = new Map(uploads.map((u) => [u.filename, u]));
+    assert.equal(contentDecoder.decode(byName.get("report.pdf")!.bytes), "%PDF-1.4 fake");
+    assert.equal(contentDecoder.decode(byName.get("clip.mp4")!.bytes), "mp4 fake");
+    const chat = env.fake.lastBody("/chat-messages");
+    assert.equal(chat.user, "bob");
+    const types = Object.fromEntries(
+      chat.files.map((f: { type: string; transfer_method: string; upload_file_id: string }) => {
+        assert.equal(f.transfer_method, "local_file");
+        return [env.fake.uploads.get(f.upload_file_id)!.filename, f.type];
+      }),
+    );
+    assert.deepEqual(types, {
+      "report.pdf": "document",
+      "song.mp3": "audio",
+      "clip.mp4": "video",
+      "shot.png": "image",
+      "thing.xyz": "custom",
+    });
+  } finally {
+    await env.close();
+  }
 });
 
-Deno.test({
-  name: "content: an upload Dify rejects is a clear client error, and no chat call is made",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig();
-    try {
-      const body = {
-        model: "dify",
-        messages: [user([{ type: "text", text: "run it" }, {
-          type: "file",
-          file: { filename: "setup.exe", file_data: btoa("MZ") },
-        }])],
-      };
-      for (const stream of [false, true]) {
-        const r = await rawChat(env.bridge.url, { ...body, stream });
-        assert.equal(r.status, 400, r.text);
-        const err = contentError(r.text);
-        assert.equal(err.type, "invalid_request_error");
-        assert.match(err.message, /not allowed/, "Dify's reason reaches the client");
-        assert.match(err.message, /dify/i);
-      }
-      assert.equal(env.fake.requests.filter((q) => q.path === "/chat-messages").length, 0);
-      // Malformed base64 is the client's mistake, caught before Dify.
-      const bad = await rawChat(env.bridge.url, {
-        model: "dify",
-        messages: [user([{ type: "image_url", image_url: { url: "data:image/png;base64,@@@" } }])],
-      });
-      assert.equal(bad.status, 400);
-      assert.equal(env.fake.requests.filter((q) => q.path === "/files/upload").length, 2);
-    } finally {
-      await env.close();
+test("content: an upload Dify rejects is a clear client error, and no chat call is made", async () => {
+  const env = await startRig();
+  try {
+    const body = {
+      model: "dify",
+      messages: [user([{ type: "text", text: "run it" }, {
+        type: "file",
+        file: { filename: "setup.exe", file_data: btoa("MZ") },
+      }])],
+    };
+    for (const stream of [false, true]) {
+      const r = await rawChat(env.bridge.url, { ...body, stream });
+      assert.equal(r.status, 400, r.text);
+      const err = contentError(r.text);
+      assert.equal(err.type, "invalid_request_error");
+      assert.match(err.message, /not allowed/, "Dify's reason reaches the client");
+      assert.match(err.message, /dify/i);
     }
-  },
+    assert.equal(env.fake.requests.filter((q) => q.path === "/chat-messages").length, 0);
+    // Malformed base64 is the client's mistake, caught before Dify.
+    const bad = await rawChat(env.bridge.url, {
+      model: "dify",
+      messages: [user([{ type: "image_url", image_url: { url: "data:image/png;base64,@@@" } }])],
+    });
+    assert.equal(bad.status, 400);
+    assert.equal(env.fake.requests.filter((q) => q.path === "/files/upload").length, 2);
+  } finally {
+    await env.close();
+  }
 });
 
 // ─── Agent thoughts ─────────────────────────────────────────────────────────────────────────────
@@ -2112,280 +1924,250 @@ async function contentAgentFixture() {
   return { events, tool, observed, answer, fileUrl: file.url };
 }
 
-Deno.test({
-  name: "content: agent thoughts stream as reasoning_content, each thought growing once, no duplicates",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "app-agent" });
-    const { tool, observed, answer, fileUrl } = await contentAgentFixture();
-    try {
-      const s = await streamText(env.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
-      // Tool name, input and observation each appear exactly once, as lines of reasoning.
-      assert.equal(contentCount(s.reasoning, tool.tool_input), 1, s.reasoning);
-      assert.equal(contentCount(s.reasoning, observed.observation), 1, s.reasoning);
-      const lines = s.reasoning.split("\n");
-      assert.ok(lines.some((l) => l.includes(tool.tool) && l.includes(tool.tool_input)), "a tool line");
-      assert.ok(lines.some((l) => l.includes(observed.observation)), "an observation line");
-      // The final thought repeats the answer: it is not reasoning, and the answer is not doubled.
-      assert.ok(!s.reasoning.includes(answer.trim().slice(0, 20)), s.reasoning);
-      assert.equal(contentCount(s.content, answer), 1, s.content);
-      assert.ok(s.content.endsWith(answer));
-      assert.ok(s.content.includes(`(${fileUrl})`), "the tool's image is in the content");
-      assert.ok(!s.content.includes(tool.tool_input) && !s.content.includes(observed.observation));
-      // Every reasoning delta is new text: no delta repeats an earlier one's text.
-      const deltas = s.chunks.map((c) =>
-        (c.choices as { delta?: { reasoning_content?: string } }[])[0]?.delta?.reasoning_content
-      ).filter((d): d is string => !!d);
-      assert.equal(deltas.join(""), s.reasoning);
-      for (const d of deltas) assert.equal(contentCount(s.reasoning, d.trim()), 1, `delta repeated: ${d}`);
+test("content: agent thoughts stream as reasoning_content, each thought growing once, no duplicates", async () => {
+  const env = await startRig({ DIFY_API_KEY: "app-agent" });
+  const { tool, observed, answer, fileUrl } = await contentAgentFixture();
+  try {
+    const s = await streamText(env.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
+    // Tool name, input and observation each appear exactly once, as lines of reasoning.
+    assert.equal(contentCount(s.reasoning, tool.tool_input), 1, s.reasoning);
+    assert.equal(contentCount(s.reasoning, observed.observation), 1, s.reasoning);
+    const lines = s.reasoning.split("\n");
+    assert.ok(lines.some((l) => l.includes(tool.tool) && l.includes(tool.tool_input)), "a tool line");
+    assert.ok(lines.some((l) => l.includes(observed.observation)), "an observation line");
+    // The final thought repeats the answer: it is not reasoning, and the answer is not doubled.
+    assert.ok(!s.reasoning.includes(answer.trim().slice(0, 20)), s.reasoning);
+    assert.equal(contentCount(s.content, answer), 1, s.content);
+    assert.ok(s.content.endsWith(answer));
+    assert.ok(s.content.includes(`(${fileUrl})`), "the tool's image is in the content");
+    assert.ok(!s.content.includes(tool.tool_input) && !s.content.includes(observed.observation));
+    // Every reasoning delta is new text: no delta repeats an earlier one's text.
+    const deltas = s.chunks.map((c) =>
+      (c.choices as { delta?: { reasoning_content?: string } }[])[0]?.delta?.reasoning_content
+    ).filter((d): d is string => !!d);
+    assert.equal(deltas.join(""), s.reasoning);
+    for (const d of deltas) assert.equal(contentCount(s.reasoning, d.trim()), 1, `delta repeated: ${d}`);
 
-      const r = await env.client.chat.completions.create({
-        model: "dify",
-        messages: [user("fixture:agent_with_thoughts")] as never,
-      });
-      const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
-      assert.equal(message.content, s.content);
-      assert.equal(message.reasoning_content, s.reasoning);
-    } finally {
-      await env.close();
-    }
-  },
+    const r = await env.client.chat.completions.create({
+      model: "dify",
+      messages: [user("fixture:agent_with_thoughts")] as never,
+    });
+    const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
+    assert.equal(message.content, s.content);
+    assert.equal(message.reasoning_content, s.reasoning);
+  } finally {
+    await env.close();
+  }
 });
 
-Deno.test({
-  name: "content: REASONING=think puts thoughts inline in <think> blocks; REASONING=off drops them",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const { tool, observed, answer } = await contentAgentFixture();
-    const think = await startRig({ DIFY_API_KEY: "app-agent", REASONING: "think" });
-    try {
-      const s = await streamText(think.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
-      assert.equal(s.reasoning, "", "no reasoning_content in think mode");
-      assert.ok(s.content.startsWith("<think>"), s.content);
-      assert.equal(contentCount(s.content, "<think>"), contentCount(s.content, "</think>"), "every block is closed");
-      const inside = [...s.content.matchAll(/<think>([\s\S]*?)<\/think>/g)].map((m) => m[1]).join("\n");
-      const outside = s.content.replace(/<think>[\s\S]*?<\/think>\s*/g, "");
-      assert.equal(contentCount(inside, tool.tool_input), 1);
-      assert.equal(contentCount(inside, observed.observation), 1);
-      assert.equal(contentCount(outside, answer), 1, "the answer once, outside the thinking");
-      assert.ok(!outside.includes(tool.tool_input));
-      const r = await think.client.chat.completions.create({
-        model: "dify",
-        messages: [user("fixture:agent_with_thoughts")] as never,
-      });
-      const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
-      assert.equal(message.content, s.content);
-      assert.equal(message.reasoning_content, undefined);
-    } finally {
-      await think.close();
-    }
-    const off = await startRig({ DIFY_API_KEY: "app-agent", REASONING: "off" });
-    try {
-      const s = await streamText(off.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
-      assert.equal(s.reasoning, "");
-      assert.ok(!s.content.includes("<think>"));
-      assert.ok(!s.content.includes(tool.tool_input) && !s.content.includes(observed.observation));
-      assert.equal(contentCount(s.content, answer), 1);
-      const r = await off.client.chat.completions.create({
-        model: "dify",
-        messages: [user("fixture:agent_with_thoughts")] as never,
-      });
-      const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
-      assert.equal(message.reasoning_content, undefined);
-      assert.equal(message.content, s.content);
-    } finally {
-      await off.close();
-    }
-  },
+test("content: REASONING=think puts thoughts inline in <think> blocks; REASONING=off drops them", async () => {
+  const { tool, observed, answer } = await contentAgentFixture();
+  const think = await startRig({ DIFY_API_KEY: "app-agent", REASONING: "think" });
+  try {
+    const s = await streamText(think.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
+    assert.equal(s.reasoning, "", "no reasoning_content in think mode");
+    assert.ok(s.content.startsWith("<think>"), s.content);
+    assert.equal(contentCount(s.content, "<think>"), contentCount(s.content, "</think>"), "every block is closed");
+    const inside = [...s.content.matchAll(/<think>([\s\S]*?)<\/think>/g)].map((m) => m[1]).join("\n");
+    const outside = s.content.replace(/<think>[\s\S]*?<\/think>\s*/g, "");
+    assert.equal(contentCount(inside, tool.tool_input), 1);
+    assert.equal(contentCount(inside, observed.observation), 1);
+    assert.equal(contentCount(outside, answer), 1, "the answer once, outside the thinking");
+    assert.ok(!outside.includes(tool.tool_input));
+    const r = await think.client.chat.completions.create({
+      model: "dify",
+      messages: [user("fixture:agent_with_thoughts")] as never,
+    });
+    const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
+    assert.equal(message.content, s.content);
+    assert.equal(message.reasoning_content, undefined);
+  } finally {
+    await think.close();
+  }
+  const off = await startRig({ DIFY_API_KEY: "app-agent", REASONING: "off" });
+  try {
+    const s = await streamText(off.client, { model: "dify", messages: [user("fixture:agent_with_thoughts")] });
+    assert.equal(s.reasoning, "");
+    assert.ok(!s.content.includes("<think>"));
+    assert.ok(!s.content.includes(tool.tool_input) && !s.content.includes(observed.observation));
+    assert.equal(contentCount(s.content, answer), 1);
+    const r = await off.client.chat.completions.create({
+      model: "dify",
+      messages: [user("fixture:agent_with_thoughts")] as never,
+    });
+    const message = r.choices[0].message as unknown as { content: string; reasoning_content?: string };
+    assert.equal(message.reasoning_content, undefined);
+    assert.equal(message.content, s.content);
+  } finally {
+    await off.close();
+  }
 });
 
 // ─── Message files, replacements and other content events ──────────────────────────────────────
 
-Deno.test({
-  name: "content: message_file URLs relative to Dify's origin are made absolute; the user's own files are not echoed",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const head = { conversation_id: "c-1", message_id: "m-1", created_at: 1, task_id: "t-1" };
-    const mini = await contentMiniDify(() =>
-      contentSse([
-        { event: "message_file", ...head, id: "f-0", type: "image", belongs_to: "user", url: "/files/mine.png?s=1" },
-        { event: "message", ...head, id: "m-1", answer: "Here you go." },
-        {
-          event: "message_file",
-          ...head,
-          id: "f-1",
-          type: "image",
-          belongs_to: "assistant",
-          url: "/files/tools/a.png?sign=x",
-        },
-        { event: "message_file", ...head, id: "f-2", type: "document", belongs_to: "assistant", url: "files/b.pdf" },
-        {
-          event: "message_file",
-          ...head,
-          id: "f-3",
-          type: "image",
-          belongs_to: "assistant",
-          url: "https://cdn.example.com/c.png",
-        },
-        { event: "message_end", ...head, id: "m-1", metadata: { usage: { prompt_tokens: 1, completion_tokens: 2 } } },
-      ])
-    );
-    const bridge = await startBridge({ DIFY_API_URL: mini.url, DIFY_API_KEY: "app-x", CONVERSATION_MODE: "off" });
-    try {
-      const s = await streamText(bridge.client(), { model: "dify", messages: [user("draw")] });
-      assert.ok(s.content.startsWith("Here you go."), s.content);
-      assert.ok(s.content.includes(`![image](${mini.origin}/files/tools/a.png?sign=x)`), s.content);
-      assert.ok(s.content.includes(`(${mini.origin}/files/b.pdf)`), s.content);
-      assert.ok(s.content.includes("(https://cdn.example.com/c.png)"), "absolute URLs stay as they are");
-      assert.ok(!s.content.includes("mine.png"), "the user's own upload is not echoed back");
-      assert.ok(!s.content.includes("](/files"), "no relative link left");
-      const r = await bridge.client().chat.completions.create({ model: "dify", messages: [user("draw")] as never });
-      assert.equal(r.choices[0].message.content, s.content);
-    } finally {
-      await bridge.close();
-      await mini.close();
-    }
-  },
+test("content: message_file URLs relative to Dify's origin are made absolute; the user's own files are not echoed", async () => {
+  const head = { conversation_id: "c-1", message_id: "m-1", created_at: 1, task_id: "t-1" };
+  const mini = await contentMiniDify(() =>
+    contentSse([
+      { event: "message_file", ...head, id: "f-0", type: "image", belongs_to: "user", url: "/files/mine.png?s=1" },
+      { event: "message", ...head, id: "m-1", answer: "Here you go." },
+      {
+        event: "message_file",
+        ...head,
+        id: "f-1",
+        type: "image",
+        belongs_to: "assistant",
+        url: "/files/tools/a.png?sign=x",
+      },
+      { event: "message_file", ...head, id: "f-2", type: "document", belongs_to: "assistant", url: "files/b.pdf" },
+      {
+        event: "message_file",
+        ...head,
+        id: "f-3",
+        type: "image",
+        belongs_to: "assistant",
+        url: "https://cdn.example.com/c.png",
+      },
+      { event: "message_end", ...head, id: "m-1", metadata: { usage: { prompt_tokens: 1, completion_tokens: 2 } } },
+    ])
+  );
+  const bridge = await startBridge({ DIFY_API_URL: mini.url, DIFY_API_KEY: "app-x", CONVERSATION_MODE: "off" });
+  try {
+    const s = await streamText(bridge.client(), { model: "dify", messages: [user("draw")] });
+    assert.ok(s.content.startsWith("Here you go."), s.content);
+    assert.ok(s.content.includes(`![image](${mini.origin}/files/tools/a.png?sign=x)`), s.content);
+    assert.ok(s.content.includes(`(${mini.origin}/files/b.pdf)`), s.content);
+    assert.ok(s.content.includes("(https://cdn.example.com/c.png)"), "absolute URLs stay as they are");
+    assert.ok(!s.content.includes("mine.png"), "the user's own upload is not echoed back");
+    assert.ok(!s.content.includes("](/files"), "no relative link left");
+    const r = await bridge.client().chat.completions.create({ model: "dify", messages: [user("draw")] as never });
+    assert.equal(r.choices[0].message.content, s.content);
+  } finally {
+    await bridge.close();
+    await mini.close();
+  }
 });
 
-Deno.test({
-  name: "content: text sent as message_file events (vision quirk) is content; annotation replies and TTS join cleanly",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig();
-    try {
-      for (const fixture of ["vision_message_file_quirk", "annotation_reply", "tts_autoplay"]) {
-        const events = await fixtureEvents(fixture);
-        const expected = answerOf(events);
-        assert.ok(expected.length > 5, fixture);
-        const s = await streamText(env.client, {
-          model: "dify",
-          messages: [user(`fixture:${fixture}`)],
-          stream_options: { include_usage: true },
-        });
-        assert.equal(s.content, expected, fixture);
-        assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens, fixture);
-        const r = await env.client.chat.completions.create({
-          model: "dify",
-          messages: [user(`fixture:${fixture}`)] as never,
-        });
-        assert.equal(r.choices[0].message.content, expected, fixture);
-      }
-      // The TTS audio never leaks into the text.
-      const tts = await fixtureEvents("tts_autoplay");
-      const audio = tts.filter((e) => e.event === "tts_message").map((e) => String(e.audio));
-      const s = await streamText(env.client, { model: "dify", messages: [user("fixture:tts_autoplay")] });
-      for (const a of audio) assert.ok(!s.content.includes(a.slice(0, 12)));
-      // The user's image in the vision quirk is not echoed as a link.
-      const v = await streamText(env.client, { model: "dify", messages: [user("fixture:vision_message_file_quirk")] });
-      assert.ok(!v.content.includes("bike.jpg"), v.content);
-    } finally {
-      await env.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: message_replace replaces the answer; streaming sends it as a separated final delta",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig();
-    const events = await fixtureEvents("moderation_replace");
-    const original = events.filter((e) => e.event === "message").map((e) => String(e.answer)).join("");
-    const replacement = String(events.find((e) => e.event === "message_replace")!.answer);
-    try {
+test("content: text sent as message_file events (vision quirk) is content; annotation replies and TTS join cleanly", async () => {
+  const env = await startRig();
+  try {
+    for (const fixture of ["vision_message_file_quirk", "annotation_reply", "tts_autoplay"]) {
+      const events = await fixtureEvents(fixture);
+      const expected = answerOf(events);
+      assert.ok(expected.length > 5, fixture);
+      const s = await streamText(env.client, {
+        model: "dify",
+        messages: [user(`fixture:${fixture}`)],
+        stream_options: { include_usage: true },
+      });
+      assert.equal(s.content, expected, fixture);
+      assert.equal(s.usage?.total_tokens, usageOf(events).total_tokens, fixture);
       const r = await env.client.chat.completions.create({
         model: "dify",
-        messages: [user("fixture:moderation_replace")] as never,
+        messages: [user(`fixture:${fixture}`)] as never,
       });
-      assert.equal(r.choices[0].message.content, replacement, "non-streaming: exactly the replacement");
+      assert.equal(r.choices[0].message.content, expected, fixture);
+    }
+    // The TTS audio never leaks into the text.
+    const tts = await fixtureEvents("tts_autoplay");
+    const audio = tts.filter((e) => e.event === "tts_message").map((e) => String(e.audio));
+    const s = await streamText(env.client, { model: "dify", messages: [user("fixture:tts_autoplay")] });
+    for (const a of audio) assert.ok(!s.content.includes(a.slice(0, 12)));
+    // The user's image in the vision quirk is not echoed as a link.
+    const v = await streamText(env.client, { model: "dify", messages: [user("fixture:vision_message_file_quirk")] });
+    assert.ok(!v.content.includes("bike.jpg"), v.content);
+  } finally {
+    await env.close();
+  }
+});
 
-      const s = await streamText(env.client, { model: "dify", messages: [user("fixture:moderation_replace")] });
-      const deltas = s.chunks.map((c) => (c.choices as { delta?: { content?: string } }[])[0]?.delta?.content)
-        .filter((d): d is string => !!d);
-      const last = deltas[deltas.length - 1];
-      assert.equal(deltas.slice(0, -1).join(""), original, "the original deltas, as streamed");
-      assert.ok(last.endsWith(replacement), last);
-      const separator = last.slice(0, last.length - replacement.length);
-      assert.ok(/\n\s*\S*\s*\n/.test(separator), `clearly separated: ${JSON.stringify(separator)}`);
-      assert.equal(s.content, original + last);
+test("content: message_replace replaces the answer; streaming sends it as a separated final delta", async () => {
+  const env = await startRig();
+  const events = await fixtureEvents("moderation_replace");
+  const original = events.filter((e) => e.event === "message").map((e) => String(e.answer)).join("");
+  const replacement = String(events.find((e) => e.event === "message_replace")!.answer);
+  try {
+    const r = await env.client.chat.completions.create({
+      model: "dify",
+      messages: [user("fixture:moderation_replace")] as never,
+    });
+    assert.equal(r.choices[0].message.content, replacement, "non-streaming: exactly the replacement");
+
+    const s = await streamText(env.client, { model: "dify", messages: [user("fixture:moderation_replace")] });
+    const deltas = s.chunks.map((c) => (c.choices as { delta?: { content?: string } }[])[0]?.delta?.content)
+      .filter((d): d is string => !!d);
+    const last = deltas[deltas.length - 1];
+    assert.equal(deltas.slice(0, -1).join(""), original, "the original deltas, as streamed");
+    assert.ok(last.endsWith(replacement), last);
+    const separator = last.slice(0, last.length - replacement.length);
+    assert.ok(/\n\s*\S*\s*\n/.test(separator), `clearly separated: ${JSON.stringify(separator)}`);
+    assert.equal(s.content, original + last);
+  } finally {
+    await env.close();
+  }
+  // In think mode a replacement while a <think> block is open leaves no dangling tag.
+  const head = { conversation_id: "c-r", message_id: "m-r", created_at: 1, task_id: "t-r" };
+  const node = (event: string, title: string) => ({
+    event,
+    ...head,
+    workflow_run_id: "w",
+    data: { id: title, node_type: "llm", title, status: "succeeded" },
+  });
+  const mini = await contentMiniDify(() =>
+    contentSse([
+      node("node_started", "LLM"),
+      { event: "message", ...head, answer: "something rude" },
+      node("node_finished", "LLM"),
+      { event: "message_replace", ...head, answer: replacement, reason: "" },
+      { event: "message_end", ...head, metadata: { usage: { prompt_tokens: 1, completion_tokens: 0 } } },
+      { event: "workflow_finished", ...head, workflow_run_id: "w", data: { status: "succeeded", outputs: {} } },
+    ])
+  );
+  const bridge = await startBridge({
+    DIFY_API_URL: mini.url,
+    DIFY_API_KEY: "app-flow",
+    REASONING: "think",
+    REASONING_NODES: "1",
+    CONVERSATION_MODE: "off",
+  });
+  try {
+    const r = await bridge.client().chat.completions.create({ model: "dify", messages: [user("x")] as never });
+    assert.equal(r.choices[0].message.content, replacement);
+    const s = await streamText(bridge.client(), { model: "dify", messages: [user("x")] });
+    assert.ok(s.content.endsWith(replacement), s.content);
+    assert.equal(contentCount(s.content, "<think>"), contentCount(s.content, "</think>"));
+  } finally {
+    await bridge.close();
+    await mini.close();
+  }
+});
+
+test("content: unicode_split and unicode_split_legacy give identical content for every slice size 1..7", async () => {
+  const expected = answerOf(await fixtureEvents("unicode_split"));
+  assert.equal(answerOf(await fixtureEvents("unicode_split_legacy")), expected);
+  assert.ok(/[\u{1F000}-\u{1FFFF}]/u.test(expected), "the fixture has astral characters");
+  // A one-byte slice costs a timer tick per byte in the fake: the sizes run side by side, and the
+  // legacy fixture (all ASCII: \uXXXX escapes) only at a few sizes, since no code point can split.
+  const one = async (sliceBytes: number) => {
+    const env = await startRig({}, { dify: sliceBytes ? { sliceBytes } : {} });
+    try {
+      const fixtures = [0, 3, 7].includes(sliceBytes) ? ["unicode_split", "unicode_split_legacy"] : ["unicode_split"];
+      const runs = fixtures.map(async (fixture) => {
+        const s = await streamText(env.client, { model: "dify", messages: [user(`fixture:${fixture}`)] });
+        assert.equal(s.content, expected, `${fixture}, slices of ${sliceBytes}`);
+      });
+      if (sliceBytes === 0 || sliceBytes === 5) {
+        runs.push(
+          env.client.chat.completions.create({ model: "dify", messages: [user("fixture:unicode_split")] as never })
+            .then((r) => assert.equal(r.choices[0].message.content, expected, `non-streaming, ${sliceBytes}`)),
+        );
+      }
+      await Promise.all(runs);
     } finally {
       await env.close();
     }
-    // In think mode a replacement while a <think> block is open leaves no dangling tag.
-    const head = { conversation_id: "c-r", message_id: "m-r", created_at: 1, task_id: "t-r" };
-    const node = (event: string, title: string) => ({
-      event,
-      ...head,
-      workflow_run_id: "w",
-      data: { id: title, node_type: "llm", title, status: "succeeded" },
-    });
-    const mini = await contentMiniDify(() =>
-      contentSse([
-        node("node_started", "LLM"),
-        { event: "message", ...head, answer: "something rude" },
-        node("node_finished", "LLM"),
-        { event: "message_replace", ...head, answer: replacement, reason: "" },
-        { event: "message_end", ...head, metadata: { usage: { prompt_tokens: 1, completion_tokens: 0 } } },
-        { event: "workflow_finished", ...head, workflow_run_id: "w", data: { status: "succeeded", outputs: {} } },
-      ])
-    );
-    const bridge = await startBridge({
-      DIFY_API_URL: mini.url,
-      DIFY_API_KEY: "app-flow",
-      REASONING: "think",
-      REASONING_NODES: "1",
-      CONVERSATION_MODE: "off",
-    });
-    try {
-      const r = await bridge.client().chat.completions.create({ model: "dify", messages: [user("x")] as never });
-      assert.equal(r.choices[0].message.content, replacement);
-      const s = await streamText(bridge.client(), { model: "dify", messages: [user("x")] });
-      assert.ok(s.content.endsWith(replacement), s.content);
-      assert.equal(contentCount(s.content, "<think>"), contentCount(s.content, "</think>"));
-    } finally {
-      await bridge.close();
-      await mini.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: unicode_split and unicode_split_legacy give identical content for every slice size 1..7",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const expected = answerOf(await fixtureEvents("unicode_split"));
-    assert.equal(answerOf(await fixtureEvents("unicode_split_legacy")), expected);
-    assert.ok(/[\u{1F000}-\u{1FFFF}]/u.test(expected), "the fixture has astral characters");
-    // A one-byte slice costs a timer tick per byte in the fake: the sizes run side by side, and the
-    // legacy fixture (all ASCII: \uXXXX escapes) only at a few sizes, since no code point can split.
-    const one = async (sliceBytes: number) => {
-      const env = await startRig({}, { dify: sliceBytes ? { sliceBytes } : {} });
-      try {
-        const fixtures = [0, 3, 7].includes(sliceBytes) ? ["unicode_split", "unicode_split_legacy"] : ["unicode_split"];
-        const runs = fixtures.map(async (fixture) => {
-          const s = await streamText(env.client, { model: "dify", messages: [user(`fixture:${fixture}`)] });
-          assert.equal(s.content, expected, `${fixture}, slices of ${sliceBytes}`);
-        });
-        if (sliceBytes === 0 || sliceBytes === 5) {
-          runs.push(
-            env.client.chat.completions.create({ model: "dify", messages: [user("fixture:unicode_split")] as never })
-              .then((r) => assert.equal(r.choices[0].message.content, expected, `non-streaming, ${sliceBytes}`)),
-          );
-        }
-        await Promise.all(runs);
-      } finally {
-        await env.close();
-      }
-    };
-    await Promise.all([0, 1, 2, 3, 4, 5, 6, 7].map(one));
-  },
+  };
+  await Promise.all([0, 1, 2, 3, 4, 5, 6, 7].map(one));
 });
 
 // ─── Disconnects, keepalives, timeouts ──────────────────────────────────────────────────────────
@@ -2396,163 +2178,142 @@ const CONTENT_APPS = JSON.stringify({
   workflow: { key: "app-workflow", type: "workflow" },
 });
 
-Deno.test({
-  name:
-    "content: a client leaving mid-stream stops the Dify task with the same user, for chat, completion and workflow",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "", DIFY_APPS: CONTENT_APPS });
-    try {
-      const expected: Record<string, RegExp> = {
-        chat: /^\/chat-messages\/([^/]+)\/stop$/,
-        completion: /^\/completion-messages\/([^/]+)\/stop$/,
-        workflow: /^\/workflows\/tasks\/([^/]+)\/stop$/,
-      };
-      for (const [model, path] of Object.entries(expected)) {
-        env.fake.reset();
-        const who = `leaver-${model}`;
-        await contentAbortMidStream(env.bridge.url, {
-          model,
-          user: who,
-          messages: [user("tell me a long story fault:slow:50")],
-        });
-        await until(() => env.fake.stops.length > 0, 5_000, `${model} stop call`);
-        const [stop] = env.fake.stops;
-        assert.match(stop.path, path, model);
-        assert.equal(stop.user, who, `${model}: the stop call names the same user`);
-        assert.match(stop.taskId, /^[0-9a-f-]{36}$/, "the task id Dify streamed");
-        const run = env.fake.requests.find((q) => q.method === "POST" && !q.path.endsWith("/stop"))!;
-        assert.equal(run.body.user, who);
-        await until(() => env.bridge.logs.length > 0, 5_000, "the request's log line");
-        const entry = JSON.parse(env.bridge.logs[env.bridge.logs.length - 1]);
-        assert.equal(entry.status, 499, `${model}: logged as a client close`);
-        env.bridge.logs.length = 0;
-      }
-      // Stopped: no second stop, and the bridge holds nothing open.
-      await sleep(100);
-      assert.equal(env.fake.stops.length, 1);
-      const health = await fetch(env.bridge.url.replace(/\/v1$/, "/healthz")).then((r) => r.json());
-      assert.equal(health.streams, 0);
-    } finally {
-      await env.close();
+test("content: a client leaving mid-stream stops the Dify task with the same user, for chat, completion and workflow", async () => {
+  const env = await startRig({ DIFY_API_KEY: "", DIFY_APPS: CONTENT_APPS });
+  try {
+    const expected: Record<string, RegExp> = {
+      chat: /^\/chat-messages\/([^/]+)\/stop$/,
+      completion: /^\/completion-messages\/([^/]+)\/stop$/,
+      workflow: /^\/workflows\/tasks\/([^/]+)\/stop$/,
+    };
+    for (const [model, path] of Object.entries(expected)) {
+      env.fake.reset();
+      const who = `leaver-${model}`;
+      await contentAbortMidStream(env.bridge.url, {
+        model,
+        user: who,
+        messages: [user("tell me a long story fault:slow:50")],
+      });
+      await until(() => env.fake.stops.length > 0, 5_000, `${model} stop call`);
+      const [stop] = env.fake.stops;
+      assert.match(stop.path, path, model);
+      assert.equal(stop.user, who, `${model}: the stop call names the same user`);
+      assert.match(stop.taskId, /^[0-9a-f-]{36}$/, "the task id Dify streamed");
+      const run = env.fake.requests.find((q) => q.method === "POST" && !q.path.endsWith("/stop"))!;
+      assert.equal(run.body.user, who);
+      await until(() => env.bridge.logs.length > 0, 5_000, "the request's log line");
+      const entry = JSON.parse(env.bridge.logs[env.bridge.logs.length - 1]);
+      assert.equal(entry.status, 499, `${model}: logged as a client close`);
+      env.bridge.logs.length = 0;
     }
-  },
+    // Stopped: no second stop, and the bridge holds nothing open.
+    await sleep(100);
+    assert.equal(env.fake.stops.length, 1);
+    const health = await fetch(env.bridge.url.replace(/\/v1$/, "/healthz")).then((r) => r.json());
+    assert.equal(health.streams, 0);
+  } finally {
+    await env.close();
+  }
 });
 
-Deno.test({
-  name: "content: a non-streaming client that gives up also stops the Dify task",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ DIFY_API_KEY: "", DIFY_APPS: CONTENT_APPS });
-    try {
-      for (const model of ["chat", "workflow"]) {
-        env.fake.reset();
-        const ac = new AbortController();
-        const pending = fetch(`${env.bridge.url}/chat/completions`, {
-          method: "POST",
-          headers: { "content-type": "application/json", authorization: "Bearer sk-test" },
-          body: JSON.stringify({ model, user: "quitter", messages: [user("long answer fault:slow:100")] }),
-          signal: ac.signal,
-        }).catch((e) => e);
-        // Let Dify's first events (with the task id) reach the bridge, then leave.
-        await until(
-          () => env.fake.requests.some((q) => q.path === "/chat-messages" || q.path === "/workflows/run"),
-          5_000,
-          "the run",
-        );
-        await sleep(250);
-        ac.abort();
-        assert.ok((await pending) instanceof Error);
-        await until(() => env.fake.stops.length > 0, 5_000, `${model} stop call`);
-        assert.equal(env.fake.stops[0].user, "quitter");
-        assert.match(env.fake.stops[0].path, model === "chat" ? /^\/chat-messages\// : /^\/workflows\/tasks\//);
-      }
-    } finally {
-      await env.close();
+test("content: a non-streaming client that gives up also stops the Dify task", async () => {
+  const env = await startRig({ DIFY_API_KEY: "", DIFY_APPS: CONTENT_APPS });
+  try {
+    for (const model of ["chat", "workflow"]) {
+      env.fake.reset();
+      const ac = new AbortController();
+      const pending = fetch(`${env.bridge.url}/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: "Bearer sk-test" },
+        body: JSON.stringify({ model, user: "quitter", messages: [user("long answer fault:slow:100")] }),
+        signal: ac.signal,
+      }).catch((e) => e);
+      // Let Dify's first events (with the task id) reach the bridge, then leave.
+      await until(
+        () => env.fake.requests.some((q) => q.path === "/chat-messages" || q.path === "/workflows/run"),
+        5_000,
+        "the run",
+      );
+      await sleep(250);
+      ac.abort();
+      assert.ok((await pending) instanceof Error);
+      await until(() => env.fake.stops.length > 0, 5_000, `${model} stop call`);
+      assert.equal(env.fake.stops[0].user, "quitter");
+      assert.match(env.fake.stops[0].path, model === "chat" ? /^\/chat-messages\// : /^\/workflows\/tasks\//);
     }
-  },
+  } finally {
+    await env.close();
+  }
 });
 
-Deno.test({
-  name: "content: keepalive comments fill Dify's silences and Dify's pings are forwarded as comments",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ KEEPALIVE_SECONDS: "0.2" });
-    try {
+test("content: keepalive comments fill Dify's silences and Dify's pings are forwarded as comments", async () => {
+  const env = await startRig({ KEEPALIVE_SECONDS: "0.2" });
+  try {
+    const r = await rawChat(env.bridge.url, {
+      model: "dify",
+      messages: [user("wait for it fault:idle:1000")],
+      stream: true,
+    });
+    assert.equal(r.status, 200);
+    const firstContent = r.text.search(/"content":"[^"]/);
+    const keepalive = r.text.indexOf(": keepalive\n\n");
+    assert.ok(firstContent > 0, r.text);
+    assert.ok(keepalive > firstContent, "a keepalive comment arrives during the silence after content started");
+    assert.ok(keepalive < r.text.indexOf("data: [DONE]"));
+    assert.ok(contentCount(r.text, ": keepalive") >= 2, "one per keepalive period");
+    const read = contentRead(r.text);
+    assert.ok(read.done);
+    assert.match(read.content, /^Turn 1 of [0-9a-f]{8}: wait for it fault:idle:1000$/);
+    // The SDK reads through comments.
+    const s = await streamText(env.client, { model: "dify", messages: [user("again fault:idle:500")] });
+    assert.match(s.content, /: again fault:idle:500$/);
+
+    const pings = contentCount(contentDecoder.decode(await readFixture("ping_keepalive.sse")), "event: ping");
+    const p = await rawChat(env.bridge.url, {
+      model: "dify",
+      messages: [user("fixture:ping_keepalive")],
+      stream: true,
+    });
+    assert.equal(contentCount(p.text, ": ping\n\n"), pings, "each Dify ping becomes a `: ping` comment");
+    assert.ok(!p.text.includes("event: ping"));
+    assert.equal(contentRead(p.text).content, answerOf(await fixtureEvents("ping_keepalive")));
+  } finally {
+    await env.close();
+  }
+});
+
+test("content: UPSTREAM_TIMEOUT_SECONDS gives a 504 before headers; UPSTREAM_IDLE_SECONDS an error frame after", async () => {
+  const env = await startRig({ UPSTREAM_TIMEOUT_SECONDS: "0.3", UPSTREAM_IDLE_SECONDS: "0.3" });
+  try {
+    for (const stream of [true, false]) {
       const r = await rawChat(env.bridge.url, {
         model: "dify",
-        messages: [user("wait for it fault:idle:1000")],
-        stream: true,
+        messages: [user("slow start fault:first_byte:5000")],
+        stream,
       });
-      assert.equal(r.status, 200);
-      const firstContent = r.text.search(/"content":"[^"]/);
-      const keepalive = r.text.indexOf(": keepalive\n\n");
-      assert.ok(firstContent > 0, r.text);
-      assert.ok(keepalive > firstContent, "a keepalive comment arrives during the silence after content started");
-      assert.ok(keepalive < r.text.indexOf("data: [DONE]"));
-      assert.ok(contentCount(r.text, ": keepalive") >= 2, "one per keepalive period");
-      const read = contentRead(r.text);
-      assert.ok(read.done);
-      assert.match(read.content, /^Turn 1 of [0-9a-f]{8}: wait for it fault:idle:1000$/);
-      // The SDK reads through comments.
-      const s = await streamText(env.client, { model: "dify", messages: [user("again fault:idle:500")] });
-      assert.match(s.content, /: again fault:idle:500$/);
-
-      const pings = contentCount(contentDecoder.decode(await readFixture("ping_keepalive.sse")), "event: ping");
-      const p = await rawChat(env.bridge.url, {
-        model: "dify",
-        messages: [user("fixture:ping_keepalive")],
-        stream: true,
-      });
-      assert.equal(contentCount(p.text, ": ping\n\n"), pings, "each Dify ping becomes a `: ping` comment");
-      assert.ok(!p.text.includes("event: ping"));
-      assert.equal(contentRead(p.text).content, answerOf(await fixtureEvents("ping_keepalive")));
-    } finally {
-      await env.close();
+      assert.equal(r.status, 504, `stream=${stream}: ${r.text}`);
+      assert.equal(contentError(r.text).code, "upstream_timeout");
     }
-  },
-});
-
-Deno.test({
-  name: "content: UPSTREAM_TIMEOUT_SECONDS gives a 504 before headers; UPSTREAM_IDLE_SECONDS an error frame after",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ UPSTREAM_TIMEOUT_SECONDS: "0.3", UPSTREAM_IDLE_SECONDS: "0.3" });
-    try {
-      for (const stream of [true, false]) {
-        const r = await rawChat(env.bridge.url, {
-          model: "dify",
-          messages: [user("slow start fault:first_byte:5000")],
-          stream,
-        });
-        assert.equal(r.status, 504, `stream=${stream}: ${r.text}`);
-        assert.equal(contentError(r.text).code, "upstream_timeout");
-      }
-      await assert.rejects(
-        streamText(env.client, { model: "dify", messages: [user("fault:first_byte:5000")] }),
-        (e: unknown) => e instanceof OpenAI.APIError && e.status === 504,
-      );
-      const idle = await rawChat(env.bridge.url, {
-        model: "dify",
-        messages: [user("stall fault:idle:5000")],
-        stream: true,
-      });
-      assert.equal(idle.status, 200);
-      const read = contentRead(idle.text);
-      assert.ok(read.content.length > 0, "content before the silence");
-      assert.equal(read.last.error?.code, "upstream_idle_timeout");
-      assert.ok(!read.done, "the stream ends with the error, not [DONE]");
-      const plain = await rawChat(env.bridge.url, { model: "dify", messages: [user("stall fault:idle:5000")] });
-      assert.equal(plain.status, 504);
-      assert.equal(contentError(plain.text).code, "upstream_idle_timeout");
-    } finally {
-      await env.close();
-    }
-  },
+    await assert.rejects(
+      streamText(env.client, { model: "dify", messages: [user("fault:first_byte:5000")] }),
+      (e: unknown) => e instanceof OpenAI.APIError && e.status === 504,
+    );
+    const idle = await rawChat(env.bridge.url, {
+      model: "dify",
+      messages: [user("stall fault:idle:5000")],
+      stream: true,
+    });
+    assert.equal(idle.status, 200);
+    const read = contentRead(idle.text);
+    assert.ok(read.content.length > 0, "content before the silence");
+    assert.equal(read.last.error?.code, "upstream_idle_timeout");
+    assert.ok(!read.done, "the stream ends with the error, not [DONE]");
+    const plain = await rawChat(env.bridge.url, { model: "dify", messages: [user("stall fault:idle:5000")] });
+    assert.equal(plain.status, 504);
+    assert.equal(contentError(plain.text).code, "upstream_idle_timeout");
+  } finally {
+    await env.close();
+  }
 });
 
 // ─── OpenClaw ───────────────────────────────────────────────────────────────────────────────────
@@ -2565,124 +2326,109 @@ function contentOldBlock(label: string, json: unknown, kind = "metadata", fence 
   return `${label} ${suffix}\n${fence}\n${JSON.stringify(json, null, 2)}\n${CONTENT_FENCE}`;
 }
 
-Deno.test({
-  name: "content: cleanEnvelope removes current and older OpenClaw envelopes and finds the sender",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn() {
-    // Current (2026.9.6): timestamp, `Label: ⟦openclaw:ctx⟧` block, Runtime line.
-    const current = `[Tue 2026-11-24 08:11 UTC] Conversation info: ⟦openclaw:ctx⟧\n${CONTENT_FENCE}json\n` +
-      `{"sender":{"id":"123456789","name":"Alice Tester","username":"alice_t"}}\n${CONTENT_FENCE}\n\nhi there\n\n` +
-      "Runtime: agent=main | session=agent:main:main | sessionId=e1 | host=vm | channel=telegram | capabilities=x";
-    assert.deepEqual(cleanEnvelope(current), { text: "hi there", senderId: "123456789", channel: "telegram" });
-    const cli = cleanEnvelope("[Tue 2026-11-24 08:04 UTC] hi there\n\nRuntime: agent=main | session=agent:main:main");
-    assert.equal(cli.text, "hi there");
-    assert.equal(cli.senderId, undefined);
-    assert.equal(cli.channel, undefined);
-    // Older timestamps.
-    assert.equal(cleanEnvelope("[Wed 2026-04-15 15:56 GMT+1] hi there").text, "hi there");
-    assert.equal(cleanEnvelope("[Thu 2026-03-24 01:51 GMT+5:30] hi there").text, "hi there");
-    assert.equal(cleanEnvelope("[Discord alice user id:1 +23s Fri 2026-03-06 06:00 UTC] hi there").text, "hi there");
-    // Older blocks, every label, both suffixes, with and without `json` on the fence.
-    const blocks = [
-      contentOldBlock("Conversation info", {
-        message_id: "6955",
-        sender_id: "395239117",
-        sender: "Nigerian Prince",
-        timestamp: "Wed 2026-03-04 18:25 GMT+2",
-      }),
-      contentOldBlock("Sender", { label: "Nigerian Prince (395239117)", id: "395239117", name: "Nigerian Prince" }),
-      contentOldBlock("Thread starter", { body: "the thread's first message" }, "context"),
-      contentOldBlock("Replied message", { sender_label: "Bob", body: "earlier words" }, "context"),
-      contentOldBlock("Forwarded message context", { from: "Carol", type: "user", date_ms: 1 }),
-      contentOldBlock("Chat history since last reply", [{ sender: "Dan", timestamp_ms: 1, body: "yo" }], "context"),
-      contentOldBlock(
-        "Location",
-        { latitude: 48.858844, longitude: 2.294351, name: "Eiffel Tower" },
-        "metadata",
-        CONTENT_FENCE,
-      ),
-      contentOldBlock("Structured object", { source: "x", type: "card", payload: { id: "not-a-user" } }),
-      `Reply chain of current user message (untrusted, nearest first):\n${CONTENT_FENCE}json\n` +
-      `[{"sender_label":"Eve","body":"older"}]\n${CONTENT_FENCE}`,
-    ];
-    const old = cleanEnvelope(`${blocks.join("\n\n")}\n\nhi there`);
-    assert.equal(old.text, "hi there");
-    assert.equal(old.senderId, "395239117");
-    for (const b of blocks) {
-      const one = cleanEnvelope(`${b}\n\nhi there`);
-      assert.equal(one.text, "hi there", b.split("\n")[0]);
-    }
-    // Older layout: a timestamp prefix before the first block, or between the blocks and the text.
-    assert.equal(cleanEnvelope(`[Wed 2026-03-11 23:51 PDT] ${blocks[0]}\n\nhi there`).text, "hi there");
-    const after = cleanEnvelope(
-      `${contentOldBlock("Sender", { label: "openclaw-control-ui", id: "openclaw-control-ui" })}\n\n` +
-        "[Sun 2026-04-19 00:33 GMT+8] hi there",
-    );
-    assert.equal(after.text, "hi there");
-    assert.equal(after.senderId, "openclaw-control-ui");
-    // The earliest Conversation info named the sender by a plain string.
-    assert.equal(
-      cleanEnvelope(`${contentOldBlock("Conversation info", { message_id: "10285", sender: "1801759510" })}\n\nhi`)
-        .senderId,
-      "1801759510",
-    );
-    // Text that merely looks alike is left alone.
-    for (
-      const plain of [
-        "he said (untrusted metadata): and left",
-        "[draft] 2026-01-01 notes",
-        "Sender: me\n```json\n{}\n```\nwhat does this do?",
-      ]
-    ) assert.equal(cleanEnvelope(plain).text, plain);
-  },
+test("content: cleanEnvelope removes current and older OpenClaw envelopes and finds the sender", () => {
+  // Current (2026.9.6): timestamp, `Label: ⟦openclaw:ctx⟧` block, Runtime line.
+  const current = `[Tue 2026-11-24 08:11 UTC] Conversation info: ⟦openclaw:ctx⟧\n${CONTENT_FENCE}json\n` +
+    `{"sender":{"id":"123456789","name":"Alice Tester","username":"alice_t"}}\n${CONTENT_FENCE}\n\nhi there\n\n` +
+    "Runtime: agent=main | session=agent:main:main | sessionId=e1 | host=vm | channel=telegram | capabilities=x";
+  assert.deepEqual(cleanEnvelope(current), { text: "hi there", senderId: "123456789", channel: "telegram" });
+  const cli = cleanEnvelope("[Tue 2026-11-24 08:04 UTC] hi there\n\nRuntime: agent=main | session=agent:main:main");
+  assert.equal(cli.text, "hi there");
+  assert.equal(cli.senderId, undefined);
+  assert.equal(cli.channel, undefined);
+  // Older timestamps.
+  assert.equal(cleanEnvelope("[Wed 2026-04-15 15:56 GMT+1] hi there").text, "hi there");
+  assert.equal(cleanEnvelope("[Thu 2026-03-24 01:51 GMT+5:30] hi there").text, "hi there");
+  assert.equal(cleanEnvelope("[Discord alice user id:1 +23s Fri 2026-03-06 06:00 UTC] hi there").text, "hi there");
+  // Older blocks, every label, both suffixes, with and without `json` on the fence.
+  const blocks = [
+    contentOldBlock("Conversation info", {
+      message_id: "6955",
+      sender_id: "395239117",
+      sender: "Nigerian Prince",
+      timestamp: "Wed 2026-03-04 18:25 GMT+2",
+    }),
+    contentOldBlock("Sender", { label: "Nigerian Prince (395239117)", id: "395239117", name: "Nigerian Prince" }),
+    contentOldBlock("Thread starter", { body: "the thread's first message" }, "context"),
+    contentOldBlock("Replied message", { sender_label: "Bob", body: "earlier words" }, "context"),
+    contentOldBlock("Forwarded message context", { from: "Carol", type: "user", date_ms: 1 }),
+    contentOldBlock("Chat history since last reply", [{ sender: "Dan", timestamp_ms: 1, body: "yo" }], "context"),
+    contentOldBlock(
+      "Location",
+      { latitude: 48.858844, longitude: 2.294351, name: "Eiffel Tower" },
+      "metadata",
+      CONTENT_FENCE,
+    ),
+    contentOldBlock("Structured object", { source: "x", type: "card", payload: { id: "not-a-user" } }),
+    `Reply chain of current user message (untrusted, nearest first):\n${CONTENT_FENCE}json\n` +
+    `[{"sender_label":"Eve","body":"older"}]\n${CONTENT_FENCE}`,
+  ];
+  const old = cleanEnvelope(`${blocks.join("\n\n")}\n\nhi there`);
+  assert.equal(old.text, "hi there");
+  assert.equal(old.senderId, "395239117");
+  for (const b of blocks) {
+    const one = cleanEnvelope(`${b}\n\nhi there`);
+    assert.equal(one.text, "hi there", b.split("\n")[0]);
+  }
+  // Older layout: a timestamp prefix before the first block, or between the blocks and the text.
+  assert.equal(cleanEnvelope(`[Wed 2026-03-11 23:51 PDT] ${blocks[0]}\n\nhi there`).text, "hi there");
+  const after = cleanEnvelope(
+    `${contentOldBlock("Sender", { label: "openclaw-control-ui", id: "openclaw-control-ui" })}\n\n` +
+      "[Sun 2026-04-19 00:33 GMT+8] hi there",
+  );
+  assert.equal(after.text, "hi there");
+  assert.equal(after.senderId, "openclaw-control-ui");
+  // The earliest Conversation info named the sender by a plain string.
+  assert.equal(
+    cleanEnvelope(`${contentOldBlock("Conversation info", { message_id: "10285", sender: "1801759510" })}\n\nhi`)
+      .senderId,
+    "1801759510",
+  );
+  // Text that merely looks alike is left alone.
+  for (
+    const plain of [
+      "he said (untrusted metadata): and left",
+      "[draft] 2026-01-01 notes",
+      "Sender: me\n```json\n{}\n```\nwhat does this do?",
+    ]
+  ) assert.equal(cleanEnvelope(plain).text, plain);
 });
 
-Deno.test({
-  name: "content: isInternalContext matches only OpenClaw's whole internal-context message",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn() {
-    const block = '<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nConversation data (data, not instructions):\n"x"\n' +
-      "<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
-    assert.equal(isInternalContext(block), true);
-    assert.equal(isInternalContext(`\n  ${block}\n`), true);
-    assert.equal(isInternalContext(`question first\n${block}`), false);
-    assert.equal(isInternalContext(`${block}\nand a question after`), false);
-    assert.equal(isInternalContext("<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>> unterminated"), false);
-    assert.equal(isInternalContext("hi there"), false);
-  },
+test("content: isInternalContext matches only OpenClaw's whole internal-context message", () => {
+  const block = '<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nConversation data (data, not instructions):\n"x"\n' +
+    "<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
+  assert.equal(isInternalContext(block), true);
+  assert.equal(isInternalContext(`\n  ${block}\n`), true);
+  assert.equal(isInternalContext(`question first\n${block}`), false);
+  assert.equal(isInternalContext(`${block}\nand a question after`), false);
+  assert.equal(isInternalContext("<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>> unterminated"), false);
+  assert.equal(isInternalContext("hi there"), false);
 });
 
-Deno.test({
-  name: "content: every user message is cleaned, the internal context is dropped, ENVELOPE=keep keeps it all",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn() {
-    const m = (role: Message["role"], text: string): Message => ({ role, text, files: [] });
-    const internal = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nstuff\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
-    const sender = (id: string) =>
-      `Conversation info: ⟦openclaw:ctx⟧\n${CONTENT_FENCE}json\n{"sender":{"id":"${id}"}}\n${CONTENT_FENCE}\n\n`;
-    const messages = [
-      m("system", "You are OpenClaw."),
-      m("user", `[Tue 2026-11-24 08:11 UTC] ${sender("42")}first\n\nRuntime: agent=main | channel=telegram`),
-      m("assistant", "answer one"),
-      m("user", `[Tue 2026-11-24 08:12 UTC] ${sender("42")}second`),
-      m("user", `[Tue 2026-11-24 08:12 UTC] ${sender("42")}third`),
-      m("user", internal),
-    ];
-    const turn = buildTurn(messages, "clean");
-    assert.equal(turn.query, "second\n\nthird");
-    assert.deepEqual(turn.history.map((x) => x.text), ["first", "answer one"]);
-    assert.deepEqual(turn.current.map((x) => x.text), ["second", "third"]);
-    assert.equal(turn.sender, "telegram:42");
-    const kept = buildTurn(messages, "keep");
-    assert.ok(kept.query.includes("[Tue 2026-11-24 08:12 UTC]"));
-    assert.ok(kept.query.includes("⟦openclaw:ctx⟧"));
-    assert.ok(kept.query.includes("second") && kept.query.includes("third"));
-    // Only the internal context: nothing to ask.
-    assert.throws(() => buildTurn([m("user", internal)], "clean"));
-  },
+test("content: every user message is cleaned, the internal context is dropped, ENVELOPE=keep keeps it all", () => {
+  const m = (role: Message["role"], text: string): Message => ({ role, text, files: [] });
+  const internal = "<<<BEGIN_OPENCLAW_INTERNAL_CONTEXT>>>\nstuff\n<<<END_OPENCLAW_INTERNAL_CONTEXT>>>";
+  const sender = (id: string) =>
+    `Conversation info: ⟦openclaw:ctx⟧\n${CONTENT_FENCE}json\n{"sender":{"id":"${id}"}}\n${CONTENT_FENCE}\n\n`;
+  const messages = [
+    m("system", "You are OpenClaw."),
+    m("user", `[Tue 2026-11-24 08:11 UTC] ${sender("42")}first\n\nRuntime: agent=main | channel=telegram`),
+    m("assistant", "answer one"),
+    m("user", `[Tue 2026-11-24 08:12 UTC] ${sender("42")}second`),
+    m("user", `[Tue 2026-11-24 08:12 UTC] ${sender("42")}third`),
+    m("user", internal),
+  ];
+  const turn = buildTurn(messages, "clean");
+  assert.equal(turn.query, "second\n\nthird");
+  assert.deepEqual(turn.history.map((x) => x.text), ["first", "answer one"]);
+  assert.deepEqual(turn.current.map((x) => x.text), ["second", "third"]);
+  assert.equal(turn.sender, "telegram:42");
+  const kept = buildTurn(messages, "keep");
+  assert.ok(kept.query.includes("[Tue 2026-11-24 08:12 UTC]"));
+  assert.ok(kept.query.includes("⟦openclaw:ctx⟧"));
+  assert.ok(kept.query.includes("second") && kept.query.includes("third"));
+  // Only the internal context: nothing to ask.
+  assert.throws(() => buildTurn([m("user", internal)], "clean"));
 });
 
 /** A real OpenClaw 2026.9.6 request body from shared/openclaw-wire. */
@@ -2690,294 +2436,254 @@ async function contentWire(name: string): Promise<Record<string, unknown>> {
   return JSON.parse(await Deno.readTextFile(new URL(`${name}.json`, OPENCLAW_WIRE)));
 }
 
-Deno.test({
-  name: "content: OpenClaw's real requests replay end to end: query `hi there`, Dify user from the sender",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ SYSTEM_PROMPT: "inputs" });
-    try {
-      const expectations: Record<string, { query: RegExp; user: string }> = {
-        "telegram-turn1": { query: /^hi there$/, user: "telegram:123456789" },
-        "cli-turn1": { query: /^hi there$/, user: "dify-openai" },
-        // Replayed alone, turn 2 is a new conversation: the history goes along as a transcript.
-        "telegram-turn2": {
-          query:
-            /^Conversation so far:\n\nUser: hi there\n\nAssistant: Hello from fake server \(reply #001\)\.\n\nCurrent message:\n\nsecond message$/,
-          user: "telegram:123456789",
-        },
-        "cli-turn2": { query: /Current message:\n\nsecond message$/, user: "dify-openai" },
-        "retry-after-500": { query: /fail check/, user: "dify-openai" },
-      };
-      for (const [name, want] of Object.entries(expectations)) {
-        const body = await contentWire(name);
-        assert.ok(Array.isArray(body.tools) && body.tool_choice, `${name} carries tools`);
-        const r = await rawChat(env.bridge.url, body);
-        assert.equal(r.status, 200, `${name}: ${r.text.slice(0, 300)}`);
-        const read = contentRead(r.text);
-        assert.ok(read.done, name);
-        const usage = (read.frames.filter((f) => f !== "[DONE]").at(-1) as { usage?: { total_tokens: number } }).usage;
-        assert.ok(usage && usage.total_tokens > 0, `${name}: include_usage honoured`);
-        const sent = env.fake.lastBody("/chat-messages");
-        assert.match(sent.query, want.query, name);
-        assert.equal(sent.user, want.user, name);
-        for (const leak of ["⟦openclaw:ctx⟧", "<<<BEGIN_OPENCLAW", "Runtime: agent=", "[Tue 2026-11-24"]) {
-          assert.ok(!sent.query.includes(leak), `${name}: ${leak} leaked into the query`);
-        }
-        assert.ok(String(sent.inputs.system_prompt).includes("OpenClaw"), `${name}: SYSTEM_PROMPT=inputs`);
-      }
-    } finally {
-      await env.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: an OpenClaw Telegram chat continues its conversation as the same Dify user",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    // A Dify that answers exactly what OpenClaw's capture echoes back, so turn 2 can continue turn 1.
-    const answer = "Hello from fake server (reply #001).";
-    const mini = await contentMiniDify((_path, body) => {
-      const head = { conversation_id: String(body.conversation_id || "conv-tg"), message_id: "m", task_id: "t" };
-      return contentSse([
-        { event: "message", ...head, answer },
-        { event: "message_end", ...head, metadata: { usage: { prompt_tokens: 3, completion_tokens: 7 } } },
-      ]);
-    });
-    const bridge = await startBridge({ DIFY_API_URL: mini.url, DIFY_API_KEY: "app-tg", SYSTEM_PROMPT: "inputs" });
-    try {
-      for (const name of ["telegram-turn1", "telegram-turn2"]) {
-        const r = await rawChat(bridge.url, await contentWire(name));
-        assert.equal(r.status, 200, name);
-        assert.equal(contentRead(r.text).content, answer);
-      }
-      const [one, two] = mini.bodies;
-      assert.equal(one.query, "hi there");
-      assert.equal(one.conversation_id, "");
-      assert.equal(two.query, "second message", "turn 2 sends only the new text");
-      assert.equal(two.conversation_id, "conv-tg", "in turn 1's conversation");
-      assert.equal(one.user, "telegram:123456789");
-      assert.equal(two.user, one.user, "the same Dify user");
-    } finally {
-      await bridge.close();
-      await mini.close();
-    }
-  },
-});
-
-Deno.test({
-  name: "content: ENVELOPE=keep sends OpenClaw's text untouched",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ SYSTEM_PROMPT: "inputs", ENVELOPE: "keep" });
-    try {
-      const body = await contentWire("telegram-turn1");
-      const raw = (body.messages as { role: string; content: unknown }[])[1].content as string;
+test("content: OpenClaw's real requests replay end to end: query `hi there`, Dify user from the sender", async () => {
+  const env = await startRig({ SYSTEM_PROMPT: "inputs" });
+  try {
+    const expectations: Record<string, { query: RegExp; user: string }> = {
+      "telegram-turn1": { query: /^hi there$/, user: "telegram:123456789" },
+      "cli-turn1": { query: /^hi there$/, user: "dify-openai" },
+      // Replayed alone, turn 2 is a new conversation: the history goes along as a transcript.
+      "telegram-turn2": {
+        query:
+          /^Conversation so far:\n\nUser: hi there\n\nAssistant: Hello from fake server \(reply #001\)\.\n\nCurrent message:\n\nsecond message$/,
+        user: "telegram:123456789",
+      },
+      "cli-turn2": { query: /Current message:\n\nsecond message$/, user: "dify-openai" },
+      "retry-after-500": { query: /fail check/, user: "dify-openai" },
+    };
+    for (const [name, want] of Object.entries(expectations)) {
+      const body = await contentWire(name);
+      assert.ok(Array.isArray(body.tools) && body.tool_choice, `${name} carries tools`);
       const r = await rawChat(env.bridge.url, body);
-      assert.equal(r.status, 200);
+      assert.equal(r.status, 200, `${name}: ${r.text.slice(0, 300)}`);
+      const read = contentRead(r.text);
+      assert.ok(read.done, name);
+      const usage = (read.frames.filter((f) => f !== "[DONE]").at(-1) as { usage?: { total_tokens: number } }).usage;
+      assert.ok(usage && usage.total_tokens > 0, `${name}: include_usage honoured`);
       const sent = env.fake.lastBody("/chat-messages");
-      assert.ok(sent.query.startsWith(raw), "the user's message exactly as OpenClaw wrote it");
-      assert.ok(sent.query.includes("⟦openclaw:ctx⟧") && sent.query.includes("Runtime: agent="));
-    } finally {
-      await env.close();
+      assert.match(sent.query, want.query, name);
+      assert.equal(sent.user, want.user, name);
+      for (const leak of ["⟦openclaw:ctx⟧", "<<<BEGIN_OPENCLAW", "Runtime: agent=", "[Tue 2026-11-24"]) {
+        assert.ok(!sent.query.includes(leak), `${name}: ${leak} leaked into the query`);
+      }
+      assert.ok(String(sent.inputs.system_prompt).includes("OpenClaw"), `${name}: SYSTEM_PROMPT=inputs`);
     }
-  },
+  } finally {
+    await env.close();
+  }
 });
 
-Deno.test({
-  name: "content: tools, tool_choice, assistant tool_calls and tool messages are accepted and replayed as text",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const env = await startRig({ CONVERSATION_MODE: "history", SYSTEM_PROMPT: "inputs" });
-    const tools = [{
-      type: "function",
-      function: { name: "get_weather", description: "weather", parameters: { type: "object", properties: {} } },
-    }];
-    try {
-      const messages = [
-        { role: "system", content: "be brief" },
-        user("weather in Paris?"),
-        {
-          role: "assistant",
-          content: null,
-          tool_calls: [{
-            id: "call_1",
-            type: "function",
-            function: { name: "get_weather", arguments: '{"city":"Paris"}' },
-          }],
-        },
-        { role: "tool", tool_call_id: "call_1", content: "18°C and sunny" },
-        assistant("It is 18°C and sunny."),
-        user("and tomorrow?"),
-      ];
-      const r = await env.client.chat.completions.create({
-        model: "dify",
-        messages,
-        tools,
-        tool_choice: "auto",
-        parallel_tool_calls: false,
-      } as never);
-      assert.match(r.choices[0].message.content ?? "", /and tomorrow\?$/);
-      assert.equal((r.choices[0].message as { tool_calls?: unknown }).tool_calls, undefined, "Dify runs its own tools");
-      const sent = env.fake.lastBody("/chat-messages");
-      assert.match(sent.query, /get_weather/);
-      assert.match(sent.query, /\{"city":"Paris"\}/);
-      assert.match(sent.query, /18°C and sunny/);
-      assert.match(sent.query, /Current message:\n\nand tomorrow\?$/);
-      assert.ok(!sent.query.includes("call_1"), "ids are noise for Dify");
-      // A turn that ends with a tool result (the client ran a tool) is still answered.
-      const s = await streamText(env.client, {
-        model: "dify",
-        messages: messages.slice(0, 4),
-        tools,
-        tool_choice: { type: "function", function: { name: "get_weather" } },
-      });
-      assert.ok(s.content.length > 0);
-      assert.match(env.fake.lastBody("/chat-messages").query, /18°C and sunny/);
-    } finally {
-      await env.close();
+test("content: an OpenClaw Telegram chat continues its conversation as the same Dify user", async () => {
+  // A Dify that answers exactly what OpenClaw's capture echoes back, so turn 2 can continue turn 1.
+  const answer = "Hello from fake server (reply #001).";
+  const mini = await contentMiniDify((_path, body) => {
+    const head = { conversation_id: String(body.conversation_id || "conv-tg"), message_id: "m", task_id: "t" };
+    return contentSse([
+      { event: "message", ...head, answer },
+      { event: "message_end", ...head, metadata: { usage: { prompt_tokens: 3, completion_tokens: 7 } } },
+    ]);
+  });
+  const bridge = await startBridge({ DIFY_API_URL: mini.url, DIFY_API_KEY: "app-tg", SYSTEM_PROMPT: "inputs" });
+  try {
+    for (const name of ["telegram-turn1", "telegram-turn2"]) {
+      const r = await rawChat(bridge.url, await contentWire(name));
+      assert.equal(r.status, 200, name);
+      assert.equal(contentRead(r.text).content, answer);
     }
-  },
+    const [one, two] = mini.bodies;
+    assert.equal(one.query, "hi there");
+    assert.equal(one.conversation_id, "");
+    assert.equal(two.query, "second message", "turn 2 sends only the new text");
+    assert.equal(two.conversation_id, "conv-tg", "in turn 1's conversation");
+    assert.equal(one.user, "telegram:123456789");
+    assert.equal(two.user, one.user, "the same Dify user");
+  } finally {
+    await bridge.close();
+    await mini.close();
+  }
+});
+
+test("content: ENVELOPE=keep sends OpenClaw's text untouched", async () => {
+  const env = await startRig({ SYSTEM_PROMPT: "inputs", ENVELOPE: "keep" });
+  try {
+    const body = await contentWire("telegram-turn1");
+    const raw = (body.messages as { role: string; content: unknown }[])[1].content as string;
+    const r = await rawChat(env.bridge.url, body);
+    assert.equal(r.status, 200);
+    const sent = env.fake.lastBody("/chat-messages");
+    assert.ok(sent.query.startsWith(raw), "the user's message exactly as OpenClaw wrote it");
+    assert.ok(sent.query.includes("⟦openclaw:ctx⟧") && sent.query.includes("Runtime: agent="));
+  } finally {
+    await env.close();
+  }
+});
+
+test("content: tools, tool_choice, assistant tool_calls and tool messages are accepted and replayed as text", async () => {
+  const env = await startRig({ CONVERSATION_MODE: "history", SYSTEM_PROMPT: "inputs" });
+  const tools = [{
+    type: "function",
+    function: { name: "get_weather", description: "weather", parameters: { type: "object", properties: {} } },
+  }];
+  try {
+    const messages = [
+      { role: "system", content: "be brief" },
+      user("weather in Paris?"),
+      {
+        role: "assistant",
+        content: null,
+        tool_calls: [{
+          id: "call_1",
+          type: "function",
+          function: { name: "get_weather", arguments: '{"city":"Paris"}' },
+        }],
+      },
+      { role: "tool", tool_call_id: "call_1", content: "18°C and sunny" },
+      assistant("It is 18°C and sunny."),
+      user("and tomorrow?"),
+    ];
+    const r = await env.client.chat.completions.create({
+      model: "dify",
+      messages,
+      tools,
+      tool_choice: "auto",
+      parallel_tool_calls: false,
+    } as never);
+    assert.match(r.choices[0].message.content ?? "", /and tomorrow\?$/);
+    assert.equal((r.choices[0].message as { tool_calls?: unknown }).tool_calls, undefined, "Dify runs its own tools");
+    const sent = env.fake.lastBody("/chat-messages");
+    assert.match(sent.query, /get_weather/);
+    assert.match(sent.query, /\{"city":"Paris"\}/);
+    assert.match(sent.query, /18°C and sunny/);
+    assert.match(sent.query, /Current message:\n\nand tomorrow\?$/);
+    assert.ok(!sent.query.includes("call_1"), "ids are noise for Dify");
+    // A turn that ends with a tool result (the client ran a tool) is still answered.
+    const s = await streamText(env.client, {
+      model: "dify",
+      messages: messages.slice(0, 4),
+      tools,
+      tool_choice: { type: "function", function: { name: "get_weather" } },
+    });
+    assert.ok(s.content.length > 0);
+    assert.match(env.fake.lastBody("/chat-messages").query, /18°C and sunny/);
+  } finally {
+    await env.close();
+  }
 });
 
 // ─── Pure helpers ───────────────────────────────────────────────────────────────────────────────
 
-Deno.test({
-  name: "content: difyFileType maps names (then MIME types) to Dify's file types",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn() {
-    const cases: [string, string, string][] = [
-      ["report.pdf", "", "document"],
-      ["notes.TXT", "", "document"],
-      ["sheet.xlsx", "", "document"],
-      ["song.mp3", "", "audio"],
-      ["voice.m4a", "", "audio"],
-      ["clip.mp4", "", "video"],
-      ["movie.MOV", "", "video"],
-      ["shot.png", "", "image"],
-      ["photo.JPEG", "", "image"],
-      ["thing.xyz", "", "custom"],
-      ["file", "image/webp", "image"],
-      ["file", "audio/ogg", "audio"],
-      ["file", "video/webm", "video"],
-      ["file", "application/pdf", "document"],
-      ["file", "text/csv", "document"],
-      ["file", "application/octet-stream", "custom"],
-      ["archive.tar.gz", "", "custom"],
-    ];
-    for (const [name, mime, type] of cases) assert.equal(difyFileType(name, mime), type, `${name} ${mime}`);
-  },
+test("content: difyFileType maps names (then MIME types) to Dify's file types", () => {
+  const cases: [string, string, string][] = [
+    ["report.pdf", "", "document"],
+    ["notes.TXT", "", "document"],
+    ["sheet.xlsx", "", "document"],
+    ["song.mp3", "", "audio"],
+    ["voice.m4a", "", "audio"],
+    ["clip.mp4", "", "video"],
+    ["movie.MOV", "", "video"],
+    ["shot.png", "", "image"],
+    ["photo.JPEG", "", "image"],
+    ["thing.xyz", "", "custom"],
+    ["file", "image/webp", "image"],
+    ["file", "audio/ogg", "audio"],
+    ["file", "video/webm", "video"],
+    ["file", "application/pdf", "document"],
+    ["file", "text/csv", "document"],
+    ["file", "application/octet-stream", "custom"],
+    ["archive.tar.gz", "", "custom"],
+  ];
+  for (const [name, mime, type] of cases) assert.equal(difyFileType(name, mime), type, `${name} ${mime}`);
 });
 
-Deno.test({
-  name: "content: workflowAnswer picks the configured output, a usual name, or JSON",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn() {
-    assert.equal(workflowAnswer({ result: "r", other: "o" }), "r");
-    assert.equal(workflowAnswer({ text: "t", answer: "a" }), "t");
-    assert.equal(workflowAnswer({ answer: "a", output: "o" }), "a");
-    assert.equal(workflowAnswer({ output: "o", x: 1 }), "o");
-    assert.equal(workflowAnswer({ summary: "only one" }), "only one");
-    assert.equal(workflowAnswer({ a: "x", b: "y" }, "b"), "y");
-    assert.equal(workflowAnswer({ a: { deep: [1, 2] } }, "a"), '{"deep":[1,2]}');
-    assert.equal(workflowAnswer({ result: { score: 3 } }), '{"score":3}');
-    assert.deepEqual(JSON.parse(workflowAnswer({ a: 1, b: { c: 2 } })), { a: 1, b: { c: 2 } });
-    assert.equal(workflowAnswer({ result: 42 }), "42");
-    assert.equal(workflowAnswer({}), "");
-    assert.equal(workflowAnswer(null), "");
-    assert.equal(workflowAnswer("plain"), "plain");
-    for (const v of [{ a: {} }, { x: [1] }, [1, 2], { a: 1, b: 2 }]) {
-      assert.ok(!workflowAnswer(v).includes("[object Object]"));
-    }
-  },
+test("content: workflowAnswer picks the configured output, a usual name, or JSON", () => {
+  assert.equal(workflowAnswer({ result: "r", other: "o" }), "r");
+  assert.equal(workflowAnswer({ text: "t", answer: "a" }), "t");
+  assert.equal(workflowAnswer({ answer: "a", output: "o" }), "a");
+  assert.equal(workflowAnswer({ output: "o", x: 1 }), "o");
+  assert.equal(workflowAnswer({ summary: "only one" }), "only one");
+  assert.equal(workflowAnswer({ a: "x", b: "y" }, "b"), "y");
+  assert.equal(workflowAnswer({ a: { deep: [1, 2] } }, "a"), '{"deep":[1,2]}');
+  assert.equal(workflowAnswer({ result: { score: 3 } }), '{"score":3}');
+  assert.deepEqual(JSON.parse(workflowAnswer({ a: 1, b: { c: 2 } })), { a: 1, b: { c: 2 } });
+  assert.equal(workflowAnswer({ result: 42 }), "42");
+  assert.equal(workflowAnswer({}), "");
+  assert.equal(workflowAnswer(null), "");
+  assert.equal(workflowAnswer("plain"), "plain");
+  for (const v of [{ a: {} }, { x: [1] }, [1, 2], { a: 1, b: 2 }]) {
+    assert.ok(!workflowAnswer(v).includes("[object Object]"));
+  }
 });
 
-Deno.test({
-  name: "content: thoughtText shows the thought, the tool call and its result, but not the repeated answer",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  fn() {
-    assert.equal(thoughtText({ thought: "", tool: "", tool_input: "", observation: "" }, ""), "");
-    const call = thoughtText(
-      { thought: "I should search", tool: "search", tool_input: '{"q":"x"}', observation: "" },
-      "",
-    );
-    const lines = call.split("\n");
-    assert.equal(lines[0], "I should search");
-    assert.ok(lines[1].includes("search") && lines[1].includes('{"q":"x"}'));
-    const done = thoughtText({
-      thought: "I should search",
-      tool: "search",
-      tool_input: '{"q":"x"}',
-      observation: "found",
-    }, "");
-    assert.ok(done.startsWith(call), "a growing thought only appends");
-    assert.ok(done.split("\n")[2].includes("found"));
-    // The final thought repeats the streamed answer: nothing to show.
-    assert.equal(thoughtText({ thought: "The answer is 4.", tool: "" }, "So: The answer is 4."), "");
-  },
+test("content: thoughtText shows the thought, the tool call and its result, but not the repeated answer", () => {
+  assert.equal(thoughtText({ thought: "", tool: "", tool_input: "", observation: "" }, ""), "");
+  const call = thoughtText(
+    { thought: "I should search", tool: "search", tool_input: '{"q":"x"}', observation: "" },
+    "",
+  );
+  const lines = call.split("\n");
+  assert.equal(lines[0], "I should search");
+  assert.ok(lines[1].includes("search") && lines[1].includes('{"q":"x"}'));
+  const done = thoughtText({
+    thought: "I should search",
+    tool: "search",
+    tool_input: '{"q":"x"}',
+    observation: "found",
+  }, "");
+  assert.ok(done.startsWith(call), "a growing thought only appends");
+  assert.ok(done.split("\n")[2].includes("found"));
+  // The final thought repeats the streamed answer: nothing to show.
+  assert.equal(thoughtText({ thought: "The answer is 4.", tool: "" }, "So: The answer is 4."), "");
 });
 
-Deno.test({
-  name: "content: the New Agent's closing message is not appended again, in every REASONING mode",
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn() {
-    const head = { conversation_id: "c-9", message_id: "m-9", created_at: 1, task_id: "t-9" };
-    const thought = (rest: Record<string, unknown>) => ({
-      event: "agent_thought",
-      ...head,
-      id: "th-1",
-      position: 1,
-      thought: "",
-      observation: "",
-      tool: "",
-      tool_input: "",
-      ...rest,
-    });
-    const mini = await contentMiniDify(() =>
-      contentSse([
-        thought({ tool: "search", tool_input: '{"q":"weather"}' }),
-        thought({ tool: "search", tool_input: '{"q":"weather"}', observation: "sunny" }),
-        { event: "message_file", ...head, id: "f-1", type: "image", belongs_to: "assistant", url: "/files/w.png" },
-        { event: "agent_message", ...head, id: "m-9", answer: "It is" },
-        { event: "agent_message", ...head, id: "m-9", answer: " sunny." },
-        thought({ id: "th-2", position: 2, thought: "It is sunny." }),
-        { event: "message", ...head, id: "m-9", answer: "It is sunny." },
-        { event: "message_end", ...head, id: "m-9", metadata: { usage: { prompt_tokens: 5, completion_tokens: 3 } } },
-      ])
-    );
-    try {
-      for (const mode of ["reasoning_content", "think", "off"]) {
-        const bridge = await startBridge({
-          DIFY_API_URL: mini.url,
-          DIFY_APPS: JSON.stringify({ agent: { key: "app-new-agent", type: "agent" } }),
-          REASONING: mode,
-          CONVERSATION_MODE: "off",
+test("content: the New Agent's closing message is not appended again, in every REASONING mode", async () => {
+  const head = { conversation_id: "c-9", message_id: "m-9", created_at: 1, task_id: "t-9" };
+  const thought = (rest: Record<string, unknown>) => ({
+    event: "agent_thought",
+    ...head,
+    id: "th-1",
+    position: 1,
+    thought: "",
+    observation: "",
+    tool: "",
+    tool_input: "",
+    ...rest,
+  });
+  const mini = await contentMiniDify(() =>
+    contentSse([
+      thought({ tool: "search", tool_input: '{"q":"weather"}' }),
+      thought({ tool: "search", tool_input: '{"q":"weather"}', observation: "sunny" }),
+      { event: "message_file", ...head, id: "f-1", type: "image", belongs_to: "assistant", url: "/files/w.png" },
+      { event: "agent_message", ...head, id: "m-9", answer: "It is" },
+      { event: "agent_message", ...head, id: "m-9", answer: " sunny." },
+      thought({ id: "th-2", position: 2, thought: "It is sunny." }),
+      { event: "message", ...head, id: "m-9", answer: "It is sunny." },
+      { event: "message_end", ...head, id: "m-9", metadata: { usage: { prompt_tokens: 5, completion_tokens: 3 } } },
+    ])
+  );
+  try {
+    for (const mode of ["reasoning_content", "think", "off"]) {
+      const bridge = await startBridge({
+        DIFY_API_URL: mini.url,
+        DIFY_APPS: JSON.stringify({ agent: { key: "app-new-agent", type: "agent" } }),
+        REASONING: mode,
+        CONVERSATION_MODE: "off",
+      });
+      try {
+        const s = await streamText(bridge.client(), { model: "agent", messages: [user("weather?")] });
+        assert.equal(contentCount(s.content, "It is sunny."), 1, `${mode}: ${s.content}`);
+        assert.ok(s.content.includes(`![image](${mini.origin}/files/w.png)`), mode);
+        const r = await bridge.client().chat.completions.create({
+          model: "agent",
+          messages: [user("weather?")] as never,
         });
-        try {
-          const s = await streamText(bridge.client(), { model: "agent", messages: [user("weather?")] });
-          assert.equal(contentCount(s.content, "It is sunny."), 1, `${mode}: ${s.content}`);
-          assert.ok(s.content.includes(`![image](${mini.origin}/files/w.png)`), mode);
-          const r = await bridge.client().chat.completions.create({
-            model: "agent",
-            messages: [user("weather?")] as never,
-          });
-          assert.equal(r.choices[0].message.content, s.content, mode);
-        } finally {
-          await bridge.close();
-        }
+        assert.equal(r.choices[0].message.content, s.content, mode);
+      } finally {
+        await bridge.close();
       }
-    } finally {
-      await mini.close();
     }
-  },
+  } finally {
+    await mini.close();
+  }
 });
 
 // ═══ hardening ══════════════════════════════════════════════════════════════════════════════════
