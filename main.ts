@@ -1204,13 +1204,17 @@ export interface TranslateOptions {
   clientKey: boolean;
 }
 
+/** Ends an open inline `<think>` block (REASONING=think) before anything else is said. */
+function closeThink(t: Translation, sink: Sink): void {
+  if (!t.thinkOpen) return;
+  t.thinkOpen = false;
+  t.content += "\n</think>\n\n";
+  sink.content("\n</think>\n\n");
+}
+
 function emitContent(t: Translation, sink: Sink, text: string): void {
   if (!text) return;
-  if (t.thinkOpen) {
-    t.thinkOpen = false;
-    t.content += "\n</think>\n\n";
-    sink.content("\n</think>\n\n");
-  }
+  closeThink(t, sink);
   t.content += text;
   sink.content(text);
 }
@@ -1366,11 +1370,7 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
 
 /** Closes an open `<think>` block and settles the final usage. */
 export function finishTranslation(t: Translation, sink: Sink): void {
-  if (t.thinkOpen) {
-    t.thinkOpen = false;
-    t.content += "\n</think>\n\n";
-    sink.content("\n</think>\n\n");
-  }
+  closeThink(t, sink);
   if (!t.usage && t.workflowTokens !== undefined) {
     t.usage = { prompt_tokens: 0, completion_tokens: t.workflowTokens, total_tokens: t.workflowTokens };
   }
@@ -1691,34 +1691,31 @@ interface LogEntry {
   [field: string]: unknown;
 }
 
-function corsHeaders(): Record<string, string> {
-  return {
-    "access-control-allow-origin": "*",
-    "access-control-allow-methods": "GET, POST, DELETE, OPTIONS",
-    "access-control-allow-headers":
-      "authorization, content-type, x-session-id, x-dify-conversation-id, x-openwebui-chat-id, openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout",
-    "access-control-expose-headers": "x-dify-conversation-id, x-request-id",
-    "access-control-max-age": "86400",
-  };
-}
+const CORS_HEADERS: Readonly<Record<string, string>> = {
+  "access-control-allow-origin": "*",
+  "access-control-allow-methods": "GET, POST, DELETE, OPTIONS",
+  "access-control-allow-headers":
+    "authorization, content-type, x-session-id, x-dify-conversation-id, x-openwebui-chat-id, openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout",
+  "access-control-expose-headers": "x-dify-conversation-id, x-request-id",
+  "access-control-max-age": "86400",
+};
 
 export function jsonResponse(status: number, body: unknown, headers: Record<string, string> = {}): Response {
   return new Response(JSON.stringify(body), {
     status,
-    headers: { "content-type": "application/json", ...corsHeaders(), ...headers },
+    headers: { "content-type": "application/json", ...CORS_HEADERS, ...headers },
   });
 }
 
 export function errorResponse(e: ApiError, headers: Record<string, string> = {}): Response {
   return new Response(errorJson(e), {
     status: e.status,
-    headers: { "content-type": "application/json", ...corsHeaders(), ...e.headers, ...headers },
+    headers: { "content-type": "application/json", ...CORS_HEADERS, ...e.headers, ...headers },
   });
 }
 
 /** Reads a request body within the size limit and the time limit, as JSON. */
 export async function readJsonBody(req: Request, limit: number, timeoutMs: number): Promise<unknown> {
-  const declared = Number(req.headers.get("content-length"));
   const tooBig = () =>
     new ApiError(
       413,
@@ -1726,54 +1723,46 @@ export async function readJsonBody(req: Request, limit: number, timeoutMs: numbe
       "invalid_request_error",
       "request_too_large",
     );
-  if (declared > limit) throw tooBig();
+  if (Number(req.headers.get("content-length")) > limit) throw tooBig();
   if (!req.body) throw badRequest("the request has no body");
-  if (req.headers.has("content-length")) {
-    // The runtime holds the body to its declared length, so one read does: fewer crossings than a loop.
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(bodyTimeout(timeoutMs)), timeoutMs);
-    });
-    try {
-      return parseJsonBytes(new Uint8Array(await Promise.race([req.arrayBuffer(), timeout])));
-    } catch (e) {
-      if (e instanceof ApiError) throw e;
-      throw badRequest("the request body could not be read");
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-  const reader = req.body.getReader();
-  const chunks: Uint8Array[] = [];
-  let size = 0;
+  const reader = req.headers.has("content-length") ? undefined : req.body.getReader();
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
+  const deadline = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(bodyTimeout(timeoutMs)), timeoutMs);
   });
+  // With a declared length the runtime holds the body to it, so one read does (fewer crossings
+  // than a loop); a chunked body is counted as it arrives.
+  const read = reader ? readCapped(reader, limit, tooBig) : req.arrayBuffer().then((buffer) => new Uint8Array(buffer));
   try {
-    for (;;) {
-      const { value, done } = await Promise.race([reader.read(), timeout]);
-      if (done) break;
-      size += value.length;
-      if (size > limit) throw tooBig();
-      chunks.push(value);
-    }
+    return parseJsonBytes(await Promise.race([read, deadline]));
   } catch (e) {
-    reader.cancel().catch(() => {});
+    reader?.cancel().catch(() => {});
     if (e instanceof ApiError) throw e;
     throw badRequest("the request body could not be read");
   } finally {
     clearTimeout(timer);
   }
-  const bytes = chunks.length === 1 ? chunks[0] : new Uint8Array(size);
-  if (chunks.length !== 1) {
-    let at = 0;
-    for (const c of chunks) {
-      bytes.set(c, at);
-      at += c.length;
-    }
+}
+
+/** A chunked body's bytes, failing with `tooBig()` as soon as they pass `limit`. */
+async function readCapped(reader: ReadableStreamDefaultReader<Uint8Array>, limit: number, tooBig: () => ApiError) {
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    size += value.length;
+    if (size > limit) throw tooBig();
+    chunks.push(value);
   }
-  return parseJsonBytes(bytes);
+  if (chunks.length === 1) return chunks[0];
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  for (const c of chunks) {
+    bytes.set(c, at);
+    at += c.length;
+  }
+  return bytes;
 }
 
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
@@ -1862,6 +1851,8 @@ export function createServer(config: Config, deps: Deps) {
   const proxyDigests = Promise.all(config.proxyKeys.map(sha256));
   const detected = new Map<string, Promise<AppType>>();
   const continuing = new Set<string>();
+  /** The served model ids; with only DIFY_API_KEY, the one name every model routes to. */
+  const modelIds = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
   const conversations: ConversationContext = { config, store: deps.store, continuing };
   let active = 0;
 
@@ -1948,6 +1939,7 @@ export function createServer(config: Config, deps: Deps) {
   }
 
   async function chat(req: Request, entry: LogEntry): Promise<Response> {
+    entry.id = `chatcmpl-${crypto.randomUUID().replaceAll("-", "")}`;
     const { client, token } = await authenticate(req);
     const body = await readJsonBody(req, config.bodyLimit, config.bodyTimeoutMs);
     const chatReq = parseChatRequest(body, req.headers, config);
@@ -2042,7 +2034,7 @@ export function createServer(config: Config, deps: Deps) {
       throw e;
     }
     entry.conversation_via = res.via;
-    const id = `chatcmpl-${crypto.randomUUID().replaceAll("-", "")}`;
+    const id = entry.id as string;
     const created = Math.floor(Date.now() / 1000);
     const options: TranslateOptions = {
       reasoning: config.reasoning,
@@ -2185,7 +2177,7 @@ export function createServer(config: Config, deps: Deps) {
         "content-type": "text/event-stream; charset=utf-8",
         "cache-control": "no-cache",
         "x-accel-buffering": "no",
-        ...corsHeaders(),
+        ...CORS_HEADERS,
         ...headers,
       },
     });
@@ -2196,7 +2188,7 @@ export function createServer(config: Config, deps: Deps) {
     const path = url.pathname.replace(/\/+$/, "").replace(/^\/v1(?=\/|$)/, "") || "/";
     const entry: LogEntry = { t: new Date().toISOString(), method: req.method, path: url.pathname };
     try {
-      if (req.method === "OPTIONS") return new Response(null, { status: 204, headers: corsHeaders() });
+      if (req.method === "OPTIONS") return new Response(null, { status: 204, headers: CORS_HEADERS });
       if (path === "/healthz" || path === "/health") {
         if (req.method !== "GET" && req.method !== "HEAD") throw methodNotAllowed("GET");
         return jsonResponse(200, { status: "ok", streams: active });
@@ -2215,8 +2207,7 @@ export function createServer(config: Config, deps: Deps) {
         if (req.method !== "DELETE") throw methodNotAllowed("DELETE");
         const { client } = await authenticate(req);
         const user = pathPart(path.slice("/conversations/".length));
-        const scopes = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
-        await Promise.all(scopes.map((scope) => deps.store.delete(storeKeys.user(client, scope, user))));
+        await Promise.all(modelIds.map((scope) => deps.store.delete(storeKeys.user(client, scope, user))));
         return jsonResponse(200, { object: "conversation.deleted", user, deleted: true });
       }
       if (path === "/") {
@@ -2235,14 +2226,13 @@ export function createServer(config: Config, deps: Deps) {
         entry.error = error.code;
         deps.log(JSON.stringify(entry));
       }
-      return errorResponse(error);
+      return errorResponse(error, entry.id ? { "x-request-id": String(entry.id) } : {});
     }
   }
 
   function models(id: string): Response {
     const model = (name: string) => ({ id: name, object: "model", created: 0, owned_by: "dify" });
-    const names = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
-    if (!id) return jsonResponse(200, { object: "list", data: names.map(model) });
+    if (!id) return jsonResponse(200, { object: "list", data: modelIds.map(model) });
     if (config.catchAll || config.apps.has(id)) return jsonResponse(200, model(id));
     throw new ApiError(
       404,

@@ -487,12 +487,18 @@ test("bridge: one JSON log line per request, without keys or content unless LOG_
   for (const logContent of ["", "1"]) {
     await withBridge({ PROXY_API_KEYS: "secret-proxy-key", LOG_CONTENT: logContent }, async ({ bridge }) => {
       const client = bridge.client("secret-proxy-key");
-      await streamText(client, { model: "dify", messages: [user("private words")] });
-      await client.chat.completions.create({ model: "dify", messages: [user("more private words")] });
-      await assert.rejects(client.chat.completions.create({ model: "dify", messages: [] }));
+      const streamed = await streamText(client, { model: "dify", messages: [user("private words")] });
+      const whole = await client.chat.completions.create({ model: "dify", messages: [user("more private words")] });
+      const bad = await rawChat(bridge.url, { model: "dify", messages: [] }, {
+        authorization: "Bearer secret-proxy-key",
+      });
+      assert.equal(bad.status, 400);
       assert.equal(bridge.logs.length, 3);
       const entries = bridge.logs.map((l) => JSON.parse(l));
       assert.deepEqual(entries.map((e) => e.status), [200, 200, 400]);
+      // Each line carries the id the client saw: the completion id, or X-Request-Id on an error.
+      assert.deepEqual(entries.map((e) => e.id), [streamed.chunks[0].id, whole.id, bad.headers.get("x-request-id")]);
+      assert.equal(new Set(entries.map((e) => e.id)).size, 3);
       assert.ok(
         entries.slice(0, 2).every((e) => e.model === "dify" && typeof e.ms === "number" && e.prompt_tokens > 0),
       );
