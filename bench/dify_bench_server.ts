@@ -19,6 +19,8 @@
 //
 // Prints one line `listening <port>` on stdout once it is ready.
 
+import { exitWithParent, serveOnLoopback } from "./child.ts";
+
 interface Options {
   port: number;
   events: number;
@@ -254,21 +256,5 @@ async function handler(req: Request): Promise<Response> {
   return json({ code: "not_found", message: "not found", status: 404 }, 404);
 }
 
-if (opts.parent > 0) {
-  // Do not outlive the orchestrator (bounded: checks once a second).
-  const parent = opts.parent;
-  const id = setInterval(() => {
-    try {
-      Deno.statSync(`/proc/${parent}`);
-    } catch {
-      clearInterval(id);
-      Deno.exit(0);
-    }
-  }, 1000);
-}
-
-Deno.serve({
-  hostname: "127.0.0.1",
-  port: opts.port,
-  onListen: ({ port }) => console.log(`listening ${port}`),
-}, handler);
+exitWithParent(opts.parent);
+serveOnLoopback(opts.port, handler);

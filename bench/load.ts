@@ -20,6 +20,8 @@
 //
 // Prints one JSON object (see `Result` below) on stdout.
 
+import { exitWithParent } from "./child.ts";
+
 import { ClientError, Connection, cpuMs, makeTarget, Marker, percentile } from "./http_client.ts";
 
 interface Opts {
@@ -254,19 +256,7 @@ async function main() {
 }
 
 if (import.meta.main) {
-  const parent = Number(Deno.args[Deno.args.indexOf("--parent") + 1] ?? "0");
-  if (Deno.args.includes("--parent") && parent > 0) {
-    const id = setInterval(() => {
-      try {
-        Deno.statSync(`/proc/${parent}`);
-      } catch {
-        clearInterval(id);
-        Deno.exit(3);
-      }
-    }, 1000);
-    // Let the process exit when main() is done.
-    Deno.unrefTimer(id);
-  }
+  if (Deno.args.includes("--parent")) exitWithParent(Number(Deno.args[Deno.args.indexOf("--parent") + 1]), 3);
   await main();
   Deno.exit(0);
 }

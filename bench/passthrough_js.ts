@@ -7,6 +7,8 @@
 //      BENCH_PARENT_PID (optional: exit when that process is gone).
 // Prints `listening <port>` on stdout once ready. GET /healthz answers 200.
 
+import { exitWithParent, serveOnLoopback } from "./child.ts";
+
 const upstream = (Deno.env.get("UPSTREAM") ?? "http://127.0.0.1:8788").replace(/\/+$/, "");
 const port = Number(Deno.env.get("PORT") ?? "8791");
 
@@ -46,20 +48,5 @@ async function handler(req: Request): Promise<Response> {
   });
 }
 
-const parent = Number(Deno.env.get("BENCH_PARENT_PID") ?? "0");
-if (parent > 0) {
-  const id = setInterval(() => {
-    try {
-      Deno.statSync(`/proc/${parent}`);
-    } catch {
-      clearInterval(id);
-      Deno.exit(0);
-    }
-  }, 1000);
-}
-
-Deno.serve({
-  hostname: "127.0.0.1",
-  port,
-  onListen: ({ port }) => console.log(`listening ${port}`),
-}, handler);
+exitWithParent(Number(Deno.env.get("BENCH_PARENT_PID") ?? "0"));
+serveOnLoopback(port, handler);
