@@ -1707,23 +1707,33 @@ async function blockingResponse(
   return bytesResponse(state, 200, JSON_HEADERS, bytes);
 }
 
-function startForever(state: State, ctx: StreamCtx, enc: Enc): Response {
-  const out = new Out(ctx, state.opts.sliceBytes);
+/**
+ * Runs `write` as a tracked background task feeding `out`, and answers with its stream. A failure
+ * breaks the client's body (as a dying Dify would) and is printed, so a test never hangs silently.
+ */
+function runStream(state: State, ctx: StreamCtx, out: Out, what: string, write: () => Promise<void>): Response {
   state.track((async () => {
     try {
-      while (!ctx.aborted && !ctx.stopped && !state.closing) {
-        if (!(await out.write(enc.ping()))) break;
-        await ctx.sleep(50);
-      }
-      out.close();
+      await write();
     } catch (e) {
-      console.error("fake_dify: forever stream failed", e);
+      console.error(`fake_dify: ${what} failed`, e);
       out.fail(e);
     } finally {
       state.dropCtx(ctx);
     }
   })());
   return new Response(out.stream, { status: 200, headers: SSE_HEADERS });
+}
+
+function startForever(state: State, ctx: StreamCtx, enc: Enc): Response {
+  const out = new Out(ctx, state.opts.sliceBytes);
+  return runStream(state, ctx, out, "forever stream", async () => {
+    while (!ctx.aborted && !ctx.stopped && !state.closing) {
+      if (!(await out.write(enc.ping()))) break;
+      await ctx.sleep(50);
+    }
+    out.close();
+  });
 }
 
 function startStream(
@@ -1749,37 +1759,29 @@ function startStream(
     if (turn) turn.answer = partial;
     return await out.write(f.text);
   };
-  state.track((async () => {
-    try {
-      for (let i = 0;; i++) {
-        if (i === cutAt) {
-          if (plan.cut === "error") await write(errorFrame);
-          if (plan.cut === "reset") {
-            out.fail("fake_dify: fault:reset (intentional connection reset)");
-          } else out.close();
-          return;
-        }
-        if (i >= frames.length) break;
-        const delay = i === idleAt ? plan.idleMs ?? 0 : plan.slowMs && i > 0 ? plan.slowMs : 0;
-        if (delay > 0) await ctx.sleep(delay);
-        if (ctx.aborted) return;
-        if (ctx.stopped) {
-          for (const f of stopFrames(sentAnswers, partial)) {
-            if (!(await write(f))) return;
-          }
-          break;
-        }
-        if (!(await write(frames[i]))) return;
+  return runStream(state, ctx, out, "stream", async () => {
+    for (let i = 0;; i++) {
+      if (i === cutAt) {
+        if (plan.cut === "error") await write(errorFrame);
+        if (plan.cut === "reset") {
+          out.fail("fake_dify: fault:reset (intentional connection reset)");
+        } else out.close();
+        return;
       }
-      out.close();
-    } catch (e) {
-      console.error("fake_dify: stream failed", e);
-      out.fail(e);
-    } finally {
-      state.dropCtx(ctx);
+      if (i >= frames.length) break;
+      const delay = i === idleAt ? plan.idleMs ?? 0 : plan.slowMs && i > 0 ? plan.slowMs : 0;
+      if (delay > 0) await ctx.sleep(delay);
+      if (ctx.aborted) return;
+      if (ctx.stopped) {
+        for (const f of stopFrames(sentAnswers, partial)) {
+          if (!(await write(f))) return;
+        }
+        break;
+      }
+      if (!(await write(frames[i]))) return;
     }
-  })());
-  return new Response(out.stream, { status: 200, headers: SSE_HEADERS });
+    out.close();
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------

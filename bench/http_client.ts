@@ -184,6 +184,12 @@ export class Connection {
     let headParts: Uint8Array[] = [];
     let crlf = 0; // how many of \r\n\r\n matched so far
     let trailerLineLen = 0;
+    let now = 0;
+    /** Body bytes buf[from, to): counted, and watched for the first marker (e.g. first content). */
+    const body = (from: number, to: number) => {
+      if (marker && marker.feed(buf, from, to) && Number.isNaN(firstMarkerMs)) firstMarkerMs = now - t0;
+      bodyBytes += to - from;
+    };
 
     while (state !== S.Done) {
       const n = await conn.read(buf);
@@ -196,7 +202,7 @@ export class Connection {
         this.close();
         throw new ClientError(`connection closed by server (state ${state})`);
       }
-      const now = performance.now();
+      now = performance.now();
       if (Number.isNaN(firstByteMs)) firstByteMs = now - t0;
       let i = 0;
       while (i < n && state !== S.Done) {
@@ -227,20 +233,14 @@ export class Connection {
           }
           case S.Length: {
             const take = Math.min(remaining, n - i);
-            if (marker && marker.feed(buf, i, i + take) && Number.isNaN(firstMarkerMs)) {
-              firstMarkerMs = now - t0;
-            }
-            bodyBytes += take;
+            body(i, i + take);
             remaining -= take;
             i += take;
             if (remaining === 0) state = S.Done;
             break;
           }
           case S.UntilClose: {
-            if (marker && marker.feed(buf, i, n) && Number.isNaN(firstMarkerMs)) {
-              firstMarkerMs = now - t0;
-            }
-            bodyBytes += n - i;
+            body(i, n);
             i = n;
             break;
           }
@@ -272,10 +272,7 @@ export class Connection {
           }
           case S.ChunkData: {
             const take = Math.min(remaining, n - i);
-            if (marker && marker.feed(buf, i, i + take) && Number.isNaN(firstMarkerMs)) {
-              firstMarkerMs = now - t0;
-            }
-            bodyBytes += take;
+            body(i, i + take);
             remaining -= take;
             i += take;
             if (remaining === 0) state = S.ChunkDataCR;
