@@ -2101,13 +2101,14 @@ export function createServer(config: Config, deps: Deps) {
         clientGone();
       },
     });
-    const write = (text: string) => {
+    /** Queues text for the client; `at` is when (a read's own timestamp saves a clock call per read). */
+    const write = (text: string, at = ex.now()) => {
       if (closed) return;
       try {
         controller.enqueue(textEncoder.encode(text));
         // Bytes queued before the response is returned have not reached the client: Dify's pings
         // must not keep postponing the keepalive that commits the response.
-        if (committed) ex.lastWrite = ex.now();
+        if (committed) ex.lastWrite = at;
       } catch {
         closed = true;
       }
@@ -2128,7 +2129,7 @@ export function createServer(config: Config, deps: Deps) {
     const flushed = () => {
       if (!committed && (t.content || t.reasoning || t.error || t.ended)) decide();
       if (pending && (committed || !t.error || t.content || t.reasoning)) {
-        write(pending);
+        write(pending, ex.lastUpstream);
         pending = "";
       }
     };
