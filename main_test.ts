@@ -16,6 +16,7 @@ import {
   difyError,
   difyFileType,
   isInternalContext,
+  LineBatch,
   LineSplitter,
   loadConfig,
   type Message,
@@ -117,6 +118,21 @@ test("config: invalid values are one-line ConfigErrors", () => {
 });
 
 // ─── Wire pieces ────────────────────────────────────────────────────────────────────────────────
+
+test("request log: lines added in one task are written once, in order, after the task; flush empties it", async () => {
+  const writes: string[] = [];
+  const batch = new LineBatch((text) => writes.push(text));
+  batch.add("a");
+  batch.add("b");
+  assert.deepEqual(writes, [], "nothing is written while the task that logged is still running");
+  await sleep(20);
+  assert.deepEqual(writes, ["a\nb"]);
+  batch.add("c");
+  batch.flush();
+  assert.deepEqual(writes, ["a\nb", "c"], "flush (at shutdown) writes what is pending at once");
+  await sleep(20);
+  assert.deepEqual(writes, ["a\nb", "c"], "a flushed line is not written twice");
+});
 
 test("lines: LF, CRLF and lone CR, split anywhere across chunks, unterminated last line", () => {
   const text = "data: a\r\n\r\nevent: ping\n\ndata: é😀\rdata: c\r\ndata: tail";

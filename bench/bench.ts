@@ -109,7 +109,8 @@ const P = opts.quick
   ? {
     warmupS: 1,
     throughputS: 4,
-    latencyN: 200,
+    latencyRounds: 5,
+    latencyPerRound: 100,
     rssA: 2_000,
     rssB: 10_000,
     rssCapS: 15,
@@ -122,7 +123,8 @@ const P = opts.quick
   : {
     warmupS: 2,
     throughputS: 10,
-    latencyN: 500,
+    latencyRounds: 10,
+    latencyPerRound: 200,
     rssA: 5_000,
     rssB: 50_000,
     rssCapS: 45,
@@ -648,48 +650,59 @@ interface Latency {
   errors: number;
 }
 
-/** Sequential requests (concurrency 1) from this process, raw-socket client. */
-async function measureLatency(ep: Endpoint, n: number): Promise<Latency> {
-  const conn = new Connection(makeTarget(ep.url, ep.body, ep.headers));
-  const marker = new Marker(ep.marker, ep.markerNotNext);
-  const total: number[] = [];
-  const ttfc: number[] = [];
-  const fb: number[] = [];
-  let errors = 0;
-  const deadline = performance.now() + 60_000;
-  try {
-    for (let i = 0; i < n + 20 && performance.now() < deadline; i++) {
+/** Sequential requests (concurrency 1) on one keep-alive connection, from this process. */
+class LatencySampler {
+  private readonly conn: Connection;
+  private readonly marker: Marker;
+  private readonly total: number[] = [];
+  private readonly ttfc: number[] = [];
+  private readonly fb: number[] = [];
+  private errors = 0;
+
+  constructor(ep: Endpoint) {
+    this.conn = new Connection(makeTarget(ep.url, ep.body, ep.headers));
+    this.marker = new Marker(ep.marker, ep.markerNotNext);
+  }
+
+  /** Sends `n` requests one after another; `keep` false discards their times (warm-up). */
+  async run(n: number, keep = true): Promise<void> {
+    for (let i = 0; i < n; i++) {
       // A request that hangs is cut off by closing its socket (its read then throws).
-      const guard = setTimeout(() => conn.close(), 15_000);
+      const guard = setTimeout(() => this.conn.close(), 15_000);
       try {
-        const r = await conn.request(marker);
+        const r = await this.conn.request(this.marker);
         if (r.status !== 200) {
-          errors++;
+          this.errors++;
           continue;
         }
-        if (i < 20) continue; // warm-up
-        total.push(r.totalMs);
-        ttfc.push(r.firstMarkerMs);
-        fb.push(r.firstByteMs);
+        if (!keep) continue;
+        this.total.push(r.totalMs);
+        this.ttfc.push(r.firstMarkerMs);
+        this.fb.push(r.firstByteMs);
       } catch {
-        errors++;
-        conn.close();
+        this.errors++;
+        this.conn.close();
       } finally {
         clearTimeout(guard);
       }
     }
-  } finally {
-    conn.close();
   }
-  return {
-    n: total.length,
-    p50Ms: percentile(total, 50),
-    p99Ms: percentile(total, 99),
-    ttfcP50Ms: percentile(ttfc, 50),
-    ttfcP99Ms: percentile(ttfc, 99),
-    firstByteP50Ms: percentile(fb, 50),
-    errors,
-  };
+
+  close(): void {
+    this.conn.close();
+  }
+
+  result(): Latency {
+    return {
+      n: this.total.length,
+      p50Ms: percentile(this.total, 50),
+      p99Ms: percentile(this.total, 99),
+      ttfcP50Ms: percentile(this.ttfc, 50),
+      ttfcP99Ms: percentile(this.ttfc, 99),
+      firstByteP50Ms: percentile(this.fb, 50),
+      errors: this.errors,
+    };
+  }
 }
 
 // --------------------------------------------------------------- phases --
@@ -715,7 +728,7 @@ interface PathResult {
   throughput?: LoadResult & { cpu: CpuBreakdown; machine: MachineLoad };
   latency?: Latency;
   rssAfter?: { requests: number; rssKiB: number; hwmKiB: number; capped: boolean }[];
-  /** RSS of the path's process at the end of its throughput/latency run */
+  /** RSS of the path's process at the end of its throughput run */
   rssEnd?: { requests: number; rssKiB: number; hwmKiB: number };
   paced?: {
     streams: number;
@@ -838,7 +851,7 @@ function log(msg: string) {
   console.error(`[${t}s] ${msg}`);
 }
 
-/** (a), (b), (e): throughput, latency, RSS after N requests. */
+/** (a), (e): throughput and RSS after N requests. */
 async function fastPhases(def: PathDef, up: FakeDify, res: PathResult): Promise<void> {
   let proc: Proc | null = null;
   let port = up.port;
@@ -910,12 +923,6 @@ async function fastPhases(def: PathDef, up: FakeDify, res: PathResult): Promise<
     };
     res.errors.push(...checkLoad(t, "throughput"));
 
-    // (b) latency at concurrency 1
-    log(`  ${def.key}: latency, concurrency 1, ${P.latencyN} requests`);
-    res.latency = await measureLatency(ep, P.latencyN);
-    served += res.latency.n + 20;
-    if (res.latency.errors > 0) res.errors.push(`latency: ${res.latency.errors} errors`);
-
     // (e) RSS after many requests
     if (isProxy && proc) await rssCheckpoint(P.rssB);
     if (proc) {
@@ -926,6 +933,41 @@ async function fastPhases(def: PathDef, up: FakeDify, res: PathResult): Promise<
     if (proc) {
       res.log = await logInfo(proc);
       await stop(proc);
+    }
+  }
+}
+
+/**
+ * (b) Latency at concurrency 1, every path at once: each gets a warm-up load, then the paths take
+ * turns, a round of requests each, so that whatever else the machine does falls on all of them
+ * alike and the added latencies compare within one run.
+ */
+async function latencyPhase(defs: PathDef[], up: FakeDify, byKey: Record<PathKey, PathResult>): Promise<void> {
+  const running: { def: PathDef; proc: Proc | null; sampler: LatencySampler }[] = [];
+  try {
+    for (const def of defs) {
+      let proc: Proc | null = null;
+      let port = up.port;
+      if (def.start) ({ proc, port } = await def.start(up, `${def.key}-latency`));
+      const ep = endpoint(def, port);
+      running.push({ def, proc, sampler: new LatencySampler(ep) });
+      log(`  ${def.key}: warm-up ${P.warmupS} s`);
+      await runLoad(ep, { concurrency: CONCURRENCY, duration: P.warmupS }, `${def.key}-latency-warm`);
+    }
+    for (const r of running) await r.sampler.run(20, false);
+    log(`  ${P.latencyRounds} rounds of ${P.latencyPerRound} sequential requests per path, taking turns`);
+    for (let round = 0; round < P.latencyRounds; round++) {
+      for (const r of running) await r.sampler.run(P.latencyPerRound);
+    }
+    for (const r of running) {
+      const res = byKey[r.def.key];
+      res.latency = r.sampler.result();
+      if (res.latency.errors > 0) res.errors.push(`latency: ${res.latency.errors} errors`);
+    }
+  } finally {
+    for (const r of running) {
+      r.sampler.close();
+      if (r.proc) await stop(r.proc);
     }
   }
 }
@@ -1269,8 +1311,19 @@ async function main() {
 
   for (const r of results) {
     if (r.skipped) continue;
-    log(`${r.label}: throughput / latency${PATHS[r.key].kind === "openai" ? " / RSS" : ""}`);
+    log(`${r.label}: throughput${PATHS[r.key].kind === "openai" ? " / RSS" : ""}`);
     await runPhase(r, "fast", () => fastPhases(PATHS[r.key], fast, r));
+  }
+  const latencyPaths = results.filter((r) => !r.skipped);
+  if (latencyPaths.length) {
+    log(`latency at concurrency 1: ${latencyPaths.map((r) => r.key).join(", ")}`);
+    try {
+      await latencyPhase(latencyPaths.map((r) => PATHS[r.key]), fast, byKey);
+    } catch (e) {
+      const msg = e instanceof Error ? e.message : String(e);
+      for (const r of latencyPaths) r.errors.push(`latency: ${msg}`);
+      log(`  latency failed: ${msg.split("\n")[0]}`);
+    }
   }
   for (const r of results) {
     if (r.skipped || !P.pacedPaths.includes(r.key)) continue;
