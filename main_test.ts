@@ -15,6 +15,7 @@ import {
   difyBase,
   difyError,
   difyFileType,
+  fingerprintText,
   isInternalContext,
   LineBatch,
   LineSplitter,
@@ -118,6 +119,22 @@ test("config: invalid values are one-line ConfigErrors", () => {
 });
 
 // ─── Wire pieces ────────────────────────────────────────────────────────────────────────────────
+
+test("fingerprint text: every whitespace run is one space, as with /\\s+/, short and long (cached) texts alike", () => {
+  const alphabet = ["a", "b", "é", " ", " ", "\t", "\n", "\r", "\u00a0", "\u2028", "\u3000", "\ufeff", "\v"];
+  let seed = 7;
+  const next = () => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648;
+  for (let i = 0; i < 2000; i++) {
+    // Every 50th text is long enough for the cache; each is normalised twice (miss, then hit).
+    const length = i % 50 === 0 ? 2048 + Math.floor(next() * 200) : Math.floor(next() * 40);
+    let text = "";
+    while (text.length < length) text += alphabet[Math.floor(next() * alphabet.length)];
+    const expected = text.replace(/\s+/g, " ").trim();
+    assert.equal(fingerprintText(text), expected, JSON.stringify(text.slice(0, 60)));
+    assert.equal(fingerprintText(text), expected);
+  }
+  assert.equal(fingerprintText("<think>plan</think>  Hello,\n\tworld "), "Hello, world");
+});
 
 test("request log: lines added in one task are written once, in order, after the task; flush empties it", async () => {
   const writes: string[] = [];
