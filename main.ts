@@ -734,28 +734,36 @@ export class ConversationStore {
   /**
    * Visible at once in this process; durable when the returned promise settles. `op` writes
    * through the raw store it is given, never through this wrapper's `set` (that waits for `op`).
+   * `ordered` (default: every visible key) are the keys whose earlier writes `op` must follow.
    */
-  write(op: (store: Store) => Promise<unknown>, visible: [StoreKey, unknown][]): Promise<void> {
+  write(
+    op: (store: Store) => Promise<unknown>,
+    visible: [StoreKey, unknown][],
+    ordered: StoreKey[] = visible.map(([key]) => key),
+  ): Promise<void> {
     const ids = visible.map(([key, value]) => {
       const id = key.join("\u0000");
       this.pending.set(id, value);
       return [id, value] as const;
     });
+    const order = ordered.map((key) => key.join("\u0000"));
     // Writes to one key run in order: turn 2's check-and-set on the head must see turn 1's head,
     // even when turn 2 was answered before turn 1's write committed. Started inside a promise, so
     // a store that throws synchronously cannot break the answer.
-    const before = Promise.all(ids.map(([id]) => this.queued.get(id)));
+    const before = Promise.all(order.map((id) => this.queued.get(id)));
     const done: Promise<void> = before.then(() => op(this.store)).then(
       () => {},
       (e) => this.failed("write", e),
     ).finally(() => {
       for (const [id, value] of ids) {
         if (this.pending.get(id) === value) this.pending.delete(id);
+      }
+      for (const id of order) {
         if (this.queued.get(id) === done) this.queued.delete(id);
       }
       this.writes.delete(done);
     });
-    for (const [id] of ids) this.queued.set(id, done);
+    for (const id of order) this.queued.set(id, done);
     this.writes.add(done);
     return done;
   }
@@ -911,18 +919,11 @@ export async function resolveConversation(
  * Stores where this chat now stands, without holding the answer: a lookup in this process waits
  * for it (`recording`), and the store's own write-through cache covers the durable write.
  */
-export function recordTurn(
-  ctx: ConversationContext,
-  req: ChatRequest,
-  turn: Turn,
-  r: Route,
-  client: string,
-  res: Resolution,
-  t: Translation,
-): Promise<void> {
+export function recordTurn(...args: Parameters<typeof storeTurn>): Promise<void> {
+  const { recording } = args[0];
   // storeTurn cannot fail: the store reports and swallows its own errors.
-  const done: Promise<void> = storeTurn(ctx, req, turn, r, client, res, t).finally(() => ctx.recording.delete(done));
-  ctx.recording.add(done);
+  const done: Promise<void> = storeTurn(...args).finally(() => recording.delete(done));
+  recording.add(done);
   return done;
 }
 
@@ -952,11 +953,17 @@ async function storeTurn(
   const expected = res.conversationId === conversation ? res.head : null;
   const checked = res.via === "history" || res.via === "new";
   const ttl = config.conversationTtlMs;
-  // The raw store `s`: this wrapper's `set` would queue behind this very write.
-  store.write(async (s) => {
-    if (checked) await store.advance(headKey, expected, head, [[fpKey, binding]]);
-    else await Promise.all([s.set(headKey, head, ttl), s.set(fpKey, binding, ttl)]);
-  }, [[headKey, head], [fpKey, binding]]);
+  // The raw store `s`: this wrapper's `set` would queue behind this very write. Only the head is
+  // ordered: many chats can share a fingerprint (the same first exchange), and queueing all of
+  // their writes behind one another falls behind under load; the newest binding wins either way.
+  store.write(
+    async (s) => {
+      if (checked) await store.advance(headKey, expected, head, [[fpKey, binding]]);
+      else await Promise.all([s.set(headKey, head, ttl), s.set(fpKey, binding, ttl)]);
+    },
+    [[headKey, head], [fpKey, binding]],
+    [headKey],
+  );
 }
 
 // ─── Dify client ────────────────────────────────────────────────────────────────────────────────

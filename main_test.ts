@@ -853,6 +853,35 @@ test("conversations: two chats with an identical first exchange each get their o
   }
 });
 
+test("conversations: chats sharing a first exchange do not queue their store writes behind one another", async () => {
+  // One fingerprint key for all of them: written one after another, a busy server's writes fall
+  // further and further behind (seen in the benchmark: 1,400 waiting after 8 s).
+  let inFlight = 0;
+  let most = 0;
+  const slow = new ConvSlowStore(new DenoKvStore(await Deno.openKv(":memory:")), () => 50);
+  const setIf = slow.setIf.bind(slow);
+  slow.setIf = async (...args) => {
+    most = Math.max(most, ++inFlight);
+    try {
+      return await setIf(...args);
+    } finally {
+      inFlight--;
+    }
+  };
+  const rig = await startRig({}, { store: slow });
+  try {
+    const chats = Array.from({ length: 6 }, (_, i) => new ConvChat(rig.client, { stream: i % 2 === 0 }));
+    const firsts = await Promise.all(chats.map((c) => c.say("hi fault:huge_line:24")));
+    assert.ok(firsts.every((a) => a.content === "x".repeat(24)), "identical first exchanges");
+    await until(() => inFlight === 0 && most > 0, 2000, "the first turns' writes");
+    assert.equal(most, chats.length, "every chat's write was in flight at once");
+    const seconds = await Promise.all(chats.map((c, i) => c.say(`only in chat ${i}`)));
+    assert.equal(new Set(seconds.map((a) => a.conversationId)).size, chats.length, "each chat has its own memory");
+  } finally {
+    await rig.close();
+  }
+});
+
 test("conversations: a changed system prompt starts a new conversation, never an error", async () => {
   const rig = await startRig();
   try {

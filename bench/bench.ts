@@ -1,15 +1,16 @@
 // Benchmark orchestrator for the Dify -> OpenAI proxy (issue 6).
 //
-//   deno run -A bench/bench.ts            # full run, ~4 minutes on 2 cores
-//   deno run -A bench/bench.ts --quick    # ~1 minute, smaller counts
+//   deno run -A bench/bench.ts            # full run, ~6 minutes on 2 cores
+//   deno run -A bench/bench.ts --quick    # ~3 minutes, smaller counts
 //
 // Options:
 //   --quick                 shorter phases (5 s throughput, 2k/10k requests for RSS)
-//   --paths a,b,...         subset of direct,native,js,deno,bun (default: all)
+//   --paths a,b,...         subset of direct,native,js,deno,deno-off,bun (default: all)
 //   --events N              message events per answer in the fast mode (default 20)
 //   --proxy-entry FILE      run this file instead of main.ts as the proxy
 //                           (for testing the harness itself)
-//   --conversation-mode M   CONVERSATION_MODE for the proxy (default off)
+//   --conversation-mode M   CONVERSATION_MODE for the proxy rows (default history, the
+//                           proxy's own default); the deno-off row always runs with off
 //   --keep-logs             keep the processes' logs (their folder is printed)
 //   --no-write              do not write bench/results.json / bench/results.md
 //
@@ -33,8 +34,8 @@ interface Options {
   write: boolean;
 }
 
-type PathKey = "direct" | "native" | "js" | "deno" | "bun";
-const ALL_PATHS: PathKey[] = ["direct", "native", "js", "deno", "bun"];
+type PathKey = "direct" | "native" | "js" | "deno" | "deno-off" | "bun";
+const ALL_PATHS: PathKey[] = ["direct", "native", "js", "deno", "deno-off", "bun"];
 
 const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const BENCH_DIR = `${ROOT}/bench`;
@@ -45,7 +46,7 @@ function parseOptions(args: string[]): Options {
     paths: [...ALL_PATHS],
     events: 20,
     proxyEntry: "main.ts",
-    conversationMode: "off",
+    conversationMode: "history",
     keepLogs: false,
     write: true,
   };
@@ -381,7 +382,8 @@ function passthrough(file: string) {
   };
 }
 
-function proxy(runtime: "deno" | "bun") {
+/** The proxy on `runtime`, with `--conversation-mode` unless `mode` says otherwise. */
+function proxy(runtime: "deno" | "bun", mode?: string) {
   return async (up: FakeDify, tag: string) => {
     const port = freePort();
     const cmd = runtime === "deno" ? [DENO, "run", "-A", opts.proxyEntry] : ["bun", opts.proxyEntry];
@@ -390,7 +392,7 @@ function proxy(runtime: "deno" | "bun") {
       DIFY_API_URL: up.api,
       DIFY_API_KEY: API_KEY,
       KV_PATH: ":memory:",
-      CONVERSATION_MODE: opts.conversationMode,
+      CONVERSATION_MODE: mode ?? opts.conversationMode,
     };
     if (runtime === "bun") env.BUN_CONFIG_MAX_HTTP_REQUESTS = "2048";
     const proc = spawn(tag, cmd, env);
@@ -414,6 +416,12 @@ const PATHS: Record<PathKey, PathDef> = {
     start: passthrough("passthrough_js.ts"),
   },
   deno: { key: "deno", label: "proxy main.ts on Deno", kind: "openai", start: proxy("deno") },
+  "deno-off": {
+    key: "deno-off",
+    label: "proxy main.ts on Deno, CONVERSATION_MODE=off",
+    kind: "openai",
+    start: proxy("deno", "off"),
+  },
   bun: { key: "bun", label: "proxy main.ts on Bun", kind: "openai", start: proxy("bun") },
 };
 
@@ -1155,7 +1163,7 @@ function renderMarkdown(meta: Record<string, unknown>, results: PathResult[], no
   const ratio = (a?: number, b?: number) => a && b ? (a / b).toFixed(2) : "—";
   const directP50 = by.direct?.latency?.p50Ms;
   const directTtfc = by.direct?.latency?.ttfcP50Ms;
-  for (const k of ["deno", "bun"] as const) {
+  for (const k of ["deno", "deno-off", "bun"] as const) {
     const r = by[k];
     if (!r?.throughput) continue;
     L.push(
@@ -1165,7 +1173,7 @@ function renderMarkdown(meta: Record<string, unknown>, results: PathResult[], no
         `(${fmt(r.paced?.cpuMsPer1kEvents, 1)} vs ${fmt(by.js?.paced?.cpuMsPer1kEvents, 1)} ms)`,
     );
   }
-  for (const k of ["native", "js", "deno", "bun"] as const) {
+  for (const k of ["native", "js", "deno", "deno-off", "bun"] as const) {
     const r = by[k];
     if (!r?.latency || directP50 === undefined) continue;
     L.push(
@@ -1285,7 +1293,7 @@ async function main() {
       entryExists = false;
     }
   }
-  for (const k of ["deno", "bun"] as const) {
+  for (const k of ["deno", "deno-off", "bun"] as const) {
     const r = byKey[k];
     if (!r) continue;
     if (!entryExists) r.skipped = `${opts.proxyEntry} not found`;
