@@ -853,7 +853,7 @@ test("conversations: two chats with an identical first exchange each get their o
   }
 });
 
-test("conversations: chats sharing a first exchange do not queue their store writes behind one another", async () => {
+test("conversations: chats sharing a first exchange write side by side; their second turns, sent at once, stay apart", async () => {
   // One fingerprint key for all of them: written one after another, a busy server's writes fall
   // further and further behind (seen in the benchmark: 1,400 waiting after 8 s).
   let inFlight = 0;
@@ -1229,6 +1229,27 @@ test("conversations: two models on the same Dify app never share a conversation"
 });
 
 // ─── the write-through cache and a broken store ─────────────────────────────────────────────────
+
+test("conversations: Deno KV writes that arrive together commit together, each with its own check, in order", async () => {
+  const store = new DenoKvStore(await Deno.openKv(":memory:"));
+  try {
+    await store.set(["k", "old"], { v: 1 }, 0);
+    const results = await Promise.all([
+      // Commits at once, alone; the writes below arrive while it is in flight and wait together.
+      store.set(["k", "first"], 1, 0),
+      store.setIf(["k", "a"], null, "a1", 0),
+      store.setIf(["k", "a"], "a1", "a2", 0), // expects the write just before it
+      store.setIf(["k", "old"], { v: 2 }, "never", 0), // a stale expectation
+      store.setIf(["k", "old"], { v: 1 }, { v: 3 }, 0, [[["k", "also"], "also1"]]),
+      store.setIf(["k", "b"], null, "b1", 0),
+    ]);
+    assert.deepEqual(results, [undefined, true, true, false, true, true]);
+    const values = await Promise.all(["first", "a", "old", "also", "b"].map((k) => store.get(["k", k])));
+    assert.deepEqual(values, [1, "a2", { v: 3 }, "also1", "b1"]);
+  } finally {
+    store.close();
+  }
+});
 
 /** Deno KV whose durable writes land late, like a slow or remote KV: write n waits `delayMs(n)`. */
 class ConvSlowStore implements Store {

@@ -391,7 +391,8 @@ function proxy(runtime: "deno" | "bun", mode?: string) {
       PORT: String(port),
       DIFY_API_URL: up.api,
       DIFY_API_KEY: API_KEY,
-      KV_PATH: ":memory:",
+      // A file, as the proxy's default is: the stored conversations are not in its memory.
+      KV_PATH: `${LOG_DIR}/${tag}.kv`,
       CONVERSATION_MODE: mode ?? opts.conversationMode,
     };
     if (runtime === "bun") env.BUN_CONFIG_MAX_HTTP_REQUESTS = "2048";
