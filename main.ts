@@ -675,10 +675,13 @@ interface KvWrite {
 
 /** Writes per grouped commit: within Deno KV's per-commit limits (and `getMany`'s 10 keys). */
 const KV_BATCH = 10;
+/** How long a write waits for others to share its commit. */
+const KV_GROUP_MS = 10;
 
 export class DenoKvStore implements Store {
   #waiting: KvWrite[] = [];
   #committing = false;
+  #timer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(private kv: Deno.Kv) {}
   async get<T>(key: StoreKey): Promise<T | null> {
@@ -718,11 +721,13 @@ export class DenoKvStore implements Store {
   ): Promise<boolean> {
     return new Promise((done, fail) => {
       this.#waiting.push({ key, checked, expected, value, ttlMs, also, done, fail });
-      if (!this.#committing) this.#drain();
+      this.#timer ??= setTimeout(() => this.#drain(), KV_GROUP_MS);
     });
   }
 
   async #drain(): Promise<void> {
+    this.#timer = undefined;
+    if (this.#committing) return;
     this.#committing = true;
     try {
       while (this.#waiting.length) await this.#commit(this.#nextBatch());
