@@ -943,6 +943,78 @@ export function fingerprintText(text: string): string {
 
 const textEncoder = new TextEncoder();
 
+// SHA-256 (FIPS 180-4). The round constants are the first 32 bits of the fractional parts of
+// the cube roots of the first 64 primes (checked against crypto.subtle in the tests).
+const SHA256_K = new Int32Array(64);
+for (let n = 2, i = 0; i < 64; n++) {
+  let prime = true;
+  for (let d = 2; d * d <= n; d++) if (n % d === 0) prime = false;
+  if (prime) SHA256_K[i++] = ((Math.cbrt(n) % 1) * 2 ** 32) | 0;
+}
+/** The message schedule, reused by every block. */
+const SHA256_W = new Int32Array(64);
+
+/** SHA-256 of `data`, computed in JS and synchronously: see `sha256` for when it is used. */
+export function sha256Sync(data: Uint8Array): Uint8Array {
+  const total = ((data.length + 9 + 63) >>> 6) << 6;
+  const buf = new Uint8Array(total);
+  buf.set(data);
+  buf[data.length] = 0x80;
+  const view = new DataView(buf.buffer);
+  view.setUint32(total - 8, Math.floor(data.length / 0x20000000));
+  view.setUint32(total - 4, (data.length << 3) >>> 0);
+  let h0 = 0x6a09e667, h1 = 0xbb67ae85, h2 = 0x3c6ef372, h3 = 0xa54ff53a;
+  let h4 = 0x510e527f, h5 = 0x9b05688c, h6 = 0x1f83d9ab, h7 = 0x5be0cd19;
+  for (let off = 0; off < total; off += 64) {
+    for (let i = 0; i < 16; i++) SHA256_W[i] = view.getInt32(off + i * 4);
+    for (let i = 16; i < 64; i++) {
+      const x = SHA256_W[i - 15], y = SHA256_W[i - 2];
+      const s0 = ((x >>> 7) | (x << 25)) ^ ((x >>> 18) | (x << 14)) ^ (x >>> 3);
+      const s1 = ((y >>> 17) | (y << 15)) ^ ((y >>> 19) | (y << 13)) ^ (y >>> 10);
+      SHA256_W[i] = (SHA256_W[i - 16] + s0 + SHA256_W[i - 7] + s1) | 0;
+    }
+    let a = h0, b = h1, c = h2, d = h3, e = h4, f = h5, g = h6, h = h7;
+    for (let i = 0; i < 64; i++) {
+      const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
+      const t1 = (h + S1 + ((e & f) ^ (~e & g)) + SHA256_K[i] + SHA256_W[i]) | 0;
+      const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
+      const t2 = (S0 + ((a & b) ^ (a & c) ^ (b & c))) | 0;
+      h = g;
+      g = f;
+      f = e;
+      e = (d + t1) | 0;
+      d = c;
+      c = b;
+      b = a;
+      a = (t1 + t2) | 0;
+    }
+    h0 = (h0 + a) | 0;
+    h1 = (h1 + b) | 0;
+    h2 = (h2 + c) | 0;
+    h3 = (h3 + d) | 0;
+    h4 = (h4 + e) | 0;
+    h5 = (h5 + f) | 0;
+    h6 = (h6 + g) | 0;
+    h7 = (h7 + h) | 0;
+  }
+  const out = new Uint8Array(32);
+  const ov = new DataView(out.buffer);
+  [h0, h1, h2, h3, h4, h5, h6, h7].forEach((v, i) => ov.setInt32(i * 4, v));
+  return out;
+}
+
+/**
+ * Inputs up to this size are hashed in JS: crypto.subtle's digest is an async call into the
+ * runtime that costs Deno ~300 µs of CPU per call on a busy server, more than JS needs for 16 KB.
+ * Larger inputs (OpenClaw's 48 KB system prompt) go to the native one.
+ */
+const JS_SHA256_BYTES = 16 * 1024;
+
+async function sha256(bytes: Uint8Array<ArrayBuffer>): Promise<Uint8Array> {
+  if (bytes.length <= JS_SHA256_BYTES) return sha256Sync(bytes);
+  return new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+}
+
 /**
  * A stable id for "this chat, up to here": SHA-256 over system prompt and messages (role + text).
  * The client's echo of our answer must produce the same id as the answer we stored.
@@ -950,8 +1022,8 @@ const textEncoder = new TextEncoder();
 export async function fingerprint(system: string, messages: { role: string; text: string }[]): Promise<string> {
   const parts = [fingerprintText(system)];
   for (const m of messages) parts.push(m.role, fingerprintText(m.text));
-  const digest = await crypto.subtle.digest("SHA-256", textEncoder.encode(parts.join("\u0000")));
-  return btoa(String.fromCharCode(...new Uint8Array(digest))).slice(0, 32);
+  const digest = await sha256(textEncoder.encode(parts.join("\u0000")));
+  return btoa(String.fromCharCode(...digest)).slice(0, 32);
 }
 
 /** Where a request's conversation came from; decides what is stored after the turn. */
@@ -1976,10 +2048,6 @@ function bodyTimeout(timeoutMs: number): ApiError {
   );
 }
 
-async function sha256(text: string): Promise<Uint8Array> {
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", textEncoder.encode(text)));
-}
-
 /** Equal digests, compared without an early exit. */
 function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   let diff = a.length ^ b.length;
@@ -2035,7 +2103,7 @@ const NO_SINK: Sink = { content() {}, reasoning() {}, ping() {} };
 export function createServer(config: Config, deps: Deps) {
   const watchdog = new Watchdog(config, deps.now);
   const watchdogDeadline: DeadlineClock = (ms, expire) => watchdog.deadline(ms, expire);
-  const proxyDigests = Promise.all(config.proxyKeys.map(sha256));
+  const proxyDigests = Promise.all(config.proxyKeys.map((key) => sha256(textEncoder.encode(key))));
   const detected = new Map<string, Promise<AppType>>();
   const continuing = new Set<string>();
   /** The served model ids; with only DIFY_API_KEY, the one name every model routes to. */
@@ -2051,7 +2119,7 @@ export function createServer(config: Config, deps: Deps) {
     const token = bearerToken(req);
     const known = accepted.get(token ?? "");
     if (known) return { client: known, token };
-    const digest = await sha256(token ?? "");
+    const digest = await sha256(textEncoder.encode(token ?? ""));
     if (config.proxyKeys.length) {
       let ok = false;
       for (const d of await proxyDigests) ok = sameBytes(d, digest) || ok;

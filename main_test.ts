@@ -23,6 +23,7 @@ import {
   type Message,
   parseChatRequest,
   parseSseLine,
+  sha256Sync,
   type Store,
   thoughtText,
   workflowAnswer,
@@ -134,6 +135,18 @@ test("fingerprint text: every whitespace run is one space, as with /\\s+/, short
     assert.equal(fingerprintText(text), expected);
   }
   assert.equal(fingerprintText("<think>plan</think>  Hello,\n\tworld "), "Hello, world");
+});
+
+test("sha256Sync: the same digest as crypto.subtle at every length around the block edges, and beyond", async () => {
+  const encoder = new TextEncoder();
+  const lengths = [0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 1000, 16_384, 100_003];
+  for (const length of lengths) {
+    for (const unit of ["a", "é", "😀"]) {
+      const bytes = encoder.encode(unit.repeat(length)).subarray(0, length);
+      const expected = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes.slice()));
+      assert.deepEqual(sha256Sync(bytes), expected, `${length} bytes of ${unit}`);
+    }
+  }
 });
 
 test("request log: lines added in one task are written once, in order, after the task; flush empties it", async () => {
