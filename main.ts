@@ -678,40 +678,20 @@ const KV_BATCH = 10;
 /** How long a write waits for others to share its commit. */
 const KV_GROUP_MS = 10;
 
-export class DenoKvStore implements Store {
+/**
+ * Store writes, grouped: a write waits up to KV_GROUP_MS (and while a commit is in flight) for
+ * others, and they commit together. A commit on a file costs a disk sync or a transaction and
+ * ~0.25 ms of CPU, most of a store's cost under load and still much of it one request at a time.
+ */
+class WriteGroup {
   #waiting: KvWrite[] = [];
   #committing = false;
   #timer: ReturnType<typeof setTimeout> | undefined;
 
-  constructor(private kv: Deno.Kv) {}
-  async get<T>(key: StoreKey): Promise<T | null> {
-    return (await this.kv.get<T>(key)).value;
-  }
-  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#enqueue(key, false, null, value, ttlMs, []).then(() => {});
-  }
-  setIf(
-    key: StoreKey,
-    expected: unknown,
-    value: unknown,
-    ttlMs: number,
-    also: [StoreKey, unknown][] = [],
-  ): Promise<boolean> {
-    return this.#enqueue(key, true, expected, value, ttlMs, also);
-  }
-  async delete(key: StoreKey): Promise<void> {
-    await this.kv.delete(key);
-  }
-  close(): void {
-    this.kv.close();
-  }
+  /** `commit` takes from the front of `waiting` the writes that can share one commit, and settles each. */
+  constructor(private commit: (waiting: KvWrite[]) => Promise<void>) {}
 
-  /**
-   * Writes are grouped: while one commit is in flight, those that arrive wait, then go together
-   * in one atomic commit. On a file each commit costs a disk sync and ~0.25 ms of CPU, most of the
-   * store's cost under load; alone (one at a time) a write still commits at once.
-   */
-  #enqueue(
+  add(
     key: StoreKey,
     checked: boolean,
     expected: unknown,
@@ -730,24 +710,51 @@ export class DenoKvStore implements Store {
     if (this.#committing) return;
     this.#committing = true;
     try {
-      while (this.#waiting.length) await this.#commit(this.#nextBatch());
+      while (this.#waiting.length) await this.commit(this.#waiting);
     } finally {
       this.#committing = false;
     }
   }
+}
+
+export class DenoKvStore implements Store {
+  #writes = new WriteGroup((waiting) => this.#commit(this.#nextBatch(waiting)));
+
+  constructor(private kv: Deno.Kv) {}
+  async get<T>(key: StoreKey): Promise<T | null> {
+    return (await this.kv.get<T>(key)).value;
+  }
+  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
+    return this.#writes.add(key, false, null, value, ttlMs, []).then(() => {});
+  }
+  setIf(
+    key: StoreKey,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also: [StoreKey, unknown][] = [],
+  ): Promise<boolean> {
+    return this.#writes.add(key, true, expected, value, ttlMs, also);
+  }
+  async delete(key: StoreKey): Promise<void> {
+    await this.kv.delete(key);
+  }
+  close(): void {
+    this.kv.close();
+  }
 
   /** The next writes that can share a commit: a check must not depend on a write before it in it. */
-  #nextBatch(): KvWrite[] {
+  #nextBatch(waiting: KvWrite[]): KvWrite[] {
     const batch: KvWrite[] = [];
     const written = new Set<string>();
-    for (const w of this.#waiting) {
+    for (const w of waiting) {
       const id = JSON.stringify(w.key);
       if (batch.length === KV_BATCH || (w.checked && written.has(id))) break;
       batch.push(w);
       written.add(id);
       for (const [k] of w.also) written.add(JSON.stringify(k));
     }
-    this.#waiting.splice(0, batch.length);
+    waiting.splice(0, batch.length);
     return batch;
   }
 
@@ -2628,24 +2635,34 @@ export class SqliteStore implements Store {
     return Promise.resolve(this.read(JSON.stringify(key)) as T | null);
   }
   set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    this.write(JSON.stringify(key), value, ttlMs);
-    return Promise.resolve();
+    return this.#writes.add(key, false, null, value, ttlMs, []).then(() => {});
   }
   setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number, also: [StoreKey, unknown][] = []) {
-    const k = JSON.stringify(key);
-    this.db.exec("BEGIN IMMEDIATE");
+    return this.#writes.add(key, true, expected, value, ttlMs, also);
+  }
+
+  #writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
+
+  /** One transaction for the whole batch: each write's check sees the writes before it. */
+  #commit(batch: KvWrite[]): Promise<void> {
     try {
-      const ok = sameValue(this.read(k), expected);
-      if (ok) {
-        this.write(k, value, ttlMs);
-        for (const [key, v] of also) this.write(JSON.stringify(key), v, ttlMs);
-      }
+      this.db.exec("BEGIN IMMEDIATE");
+      const applied = batch.map((w) => {
+        const k = JSON.stringify(w.key);
+        if (w.checked && !sameValue(this.read(k), w.expected)) return false;
+        this.write(k, w.value, w.ttlMs);
+        for (const [key, v] of w.also) this.write(JSON.stringify(key), v, w.ttlMs);
+        return true;
+      });
       this.db.exec("COMMIT");
-      return Promise.resolve(ok);
+      batch.forEach((w, i) => w.done(applied[i]));
     } catch (e) {
-      this.db.exec("ROLLBACK");
-      throw e;
+      try {
+        this.db.exec("ROLLBACK");
+      } catch { /* no transaction was open */ }
+      for (const w of batch) w.fail(e);
     }
+    return Promise.resolve();
   }
   delete(key: StoreKey): Promise<void> {
     this.db.query("DELETE FROM kv WHERE k = ?").run(JSON.stringify(key));
