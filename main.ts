@@ -691,7 +691,23 @@ class WriteGroup {
   /** `commit` takes from the front of `waiting` the writes that can share one commit, and settles each. */
   constructor(private commit: (waiting: KvWrite[]) => Promise<void>) {}
 
-  add(
+  /** A plain write, grouped. */
+  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
+    return this.#add(key, false, null, value, ttlMs, []).then(() => {});
+  }
+
+  /** `Store.setIf`, grouped. */
+  setIf(
+    key: StoreKey,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also: [StoreKey, unknown][],
+  ): Promise<boolean> {
+    return this.#add(key, true, expected, value, ttlMs, also);
+  }
+
+  #add(
     key: StoreKey,
     checked: boolean,
     expected: unknown,
@@ -717,6 +733,13 @@ class WriteGroup {
   }
 }
 
+/** Adds a write's value and its `also` entries to an atomic operation. */
+function setAll(op: Deno.AtomicOperation, w: KvWrite): void {
+  const options = w.ttlMs ? { expireIn: w.ttlMs } : undefined;
+  op.set(w.key, w.value, options);
+  for (const [k, v] of w.also) op.set(k, v, options);
+}
+
 export class DenoKvStore implements Store {
   #writes = new WriteGroup((waiting) => this.#commit(this.#nextBatch(waiting)));
 
@@ -725,7 +748,7 @@ export class DenoKvStore implements Store {
     return (await this.kv.get<T>(key)).value;
   }
   set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#writes.add(key, false, null, value, ttlMs, []).then(() => {});
+    return this.#writes.set(key, value, ttlMs);
   }
   setIf(
     key: StoreKey,
@@ -734,7 +757,7 @@ export class DenoKvStore implements Store {
     ttlMs: number,
     also: [StoreKey, unknown][] = [],
   ): Promise<boolean> {
-    return this.#writes.add(key, true, expected, value, ttlMs, also);
+    return this.#writes.setIf(key, expected, value, ttlMs, also);
   }
   async delete(key: StoreKey): Promise<void> {
     await this.kv.delete(key);
@@ -769,9 +792,7 @@ export class DenoKvStore implements Store {
       const going = batch.filter((w) => !stale.has(w));
       for (const w of going) {
         if (w.checked && w.expected === null) op.check({ key: w.key, versionstamp: null });
-        const options = w.ttlMs ? { expireIn: w.ttlMs } : undefined;
-        op.set(w.key, w.value, options);
-        for (const [k, v] of w.also) op.set(k, v, options);
+        setAll(op, w);
       }
       if (going.length && !(await op.commit()).ok) throw new Error("a check failed");
       for (const w of batch) w.done(!stale.has(w));
@@ -789,9 +810,7 @@ export class DenoKvStore implements Store {
         if (!sameValue(current.value, w.expected)) return w.done(false);
         op.check(current);
       }
-      const options = w.ttlMs ? { expireIn: w.ttlMs } : undefined;
-      op.set(w.key, w.value, options);
-      for (const [k, v] of w.also) op.set(k, v, options);
+      setAll(op, w);
       w.done((await op.commit()).ok);
     } catch (e) {
       w.fail(e);
@@ -2635,10 +2654,10 @@ export class SqliteStore implements Store {
     return Promise.resolve(this.read(JSON.stringify(key)) as T | null);
   }
   set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#writes.add(key, false, null, value, ttlMs, []).then(() => {});
+    return this.#writes.set(key, value, ttlMs);
   }
   setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number, also: [StoreKey, unknown][] = []) {
-    return this.#writes.add(key, true, expected, value, ttlMs, also);
+    return this.#writes.setIf(key, expected, value, ttlMs, also);
   }
 
   #writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
