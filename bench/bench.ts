@@ -19,6 +19,7 @@
 // Ctrl-C; a watchdog shell kills them if this process dies without cleaning up.
 // Nothing here asserts a time: the run reports figures and the checks it made.
 
+import { flags } from "./child.ts";
 import { Connection, cpuMs, makeTarget, Marker, memKiB, percentile } from "./http_client.ts";
 import type { Result as LoadResult } from "./load.ts";
 
@@ -50,13 +51,7 @@ function parseOptions(args: string[]): Options {
     keepLogs: false,
     write: true,
   };
-  for (let i = 0; i < args.length; i++) {
-    const a = args[i];
-    const v = () => {
-      const x = args[++i];
-      if (x === undefined) throw new Error(`missing value for ${a}`);
-      return x;
-    };
+  for (const [a, v] of flags(args)) {
     switch (a) {
       case "--quick":
         o.quick = true;

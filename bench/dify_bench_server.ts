@@ -19,7 +19,7 @@
 //
 // Prints one line `listening <port>` on stdout once it is ready.
 
-import { exitWithParent, serveOnLoopback } from "./child.ts";
+import { exitWithParent, flags, serveOnLoopback } from "./child.ts";
 
 interface Options {
   port: number;
@@ -35,10 +35,7 @@ function parseArgs(args: string[]): Options {
     pace: 0,
     parent: 0,
   };
-  for (let i = 0; i < args.length; i++) {
-    const a = args[i];
-    const [flag, inline] = a.includes("=") ? a.split("=", 2) : [a, undefined];
-    const value = () => inline ?? args[++i];
+  for (const [flag, value] of flags(args)) {
     switch (flag) {
       case "--port":
         opts.port = Number(value());
@@ -53,7 +50,7 @@ function parseArgs(args: string[]): Options {
         opts.parent = Number(value());
         break;
       default:
-        throw new Error(`unknown argument ${a}`);
+        throw new Error(`unknown argument ${flag}`);
     }
   }
   for (const [k, v] of Object.entries(opts)) {

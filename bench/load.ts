@@ -20,7 +20,7 @@
 //
 // Prints one JSON object (see `Result` below) on stdout.
 
-import { exitWithParent } from "./child.ts";
+import { exitWithParent, flags } from "./child.ts";
 
 import { ClientError, Connection, cpuMs, makeTarget, Marker, percentile } from "./http_client.ts";
 
@@ -50,13 +50,7 @@ function parse(args: string[]): Opts {
     grace: 30,
     parent: 0,
   };
-  for (let i = 0; i < args.length; i++) {
-    const a = args[i];
-    const v = () => {
-      const x = args[++i];
-      if (x === undefined) throw new Error(`missing value for ${a}`);
-      return x;
-    };
+  for (const [a, v] of flags(args)) {
     switch (a) {
       case "--url":
         o.url = v();
