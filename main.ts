@@ -8,6 +8,8 @@
  * runtime edges → main.
  */
 
+import { createHash } from "node:crypto";
+
 // ─── Configuration ──────────────────────────────────────────────────────────────────────────────
 
 export type AppType = "chat" | "agent" | "chatflow" | "workflow" | "completion";
@@ -181,8 +183,66 @@ export class ApiError extends Error {
   }
 }
 
-const badRequest = (message: string, param: string | null = null, code = "invalid_request") =>
-  new ApiError(400, message, "invalid_request_error", code, param);
+/**
+ * Every error a client can see, by name: HTTP status and OpenAI error type. The name is the error's
+ * `code`, except where Dify's own code is passed on (`more.code`).
+ */
+export const ERRORS = {
+  // The request
+  invalid_request: [400, "invalid_request_error"],
+  invalid_json: [400, "invalid_request_error"],
+  invalid_encoding: [400, "invalid_request_error"],
+  too_many_parts: [400, "invalid_request_error"],
+  not_found: [404, "invalid_request_error"],
+  model_not_found: [404, "invalid_request_error"],
+  method_not_allowed: [405, "invalid_request_error"],
+  request_timeout: [408, "invalid_request_error"],
+  request_too_large: [413, "invalid_request_error"],
+  // Keys
+  invalid_api_key: [401, "authentication_error"],
+  missing_dify_key: [401, "authentication_error"],
+  // Conversations
+  conversation_not_found: [404, "not_found_error"],
+  // The bridge itself
+  client_closed: [499, "client_error"],
+  internal_error: [500, "server_error"],
+  overloaded: [503, "server_error"],
+  shutting_down: [503, "server_error"],
+  // Dify said no (Dify's code is passed on): a fault retrying cannot fix stays a 4xx
+  dify_invalid_request: [400, "invalid_request_error"],
+  dify_unauthorized: [401, "authentication_error"],
+  dify_forbidden: [403, "permission_error"],
+  dify_too_large: [413, "invalid_request_error"],
+  dify_rate_limited: [429, "rate_limit_error"],
+  workflow_failed: [400, "invalid_request_error"],
+  // Dify failed, or could not be reached
+  upstream_error: [502, "upstream_error"],
+  dify_key_rejected: [502, "upstream_error"],
+  dify_not_found: [502, "upstream_error"],
+  bad_upstream_response: [502, "upstream_error"],
+  upstream_unreachable: [502, "upstream_error"],
+  upstream_broken: [502, "upstream_error"],
+  incomplete_stream: [502, "upstream_error"],
+  upstream_timeout: [504, "upstream_error"],
+  upstream_gateway_timeout: [504, "upstream_error"],
+  upstream_idle_timeout: [504, "upstream_error"],
+} as const satisfies Record<string, readonly [number, string]>;
+
+export type ErrorName = keyof typeof ERRORS;
+
+/** The catalogue's error `name`, with this occurrence's message (and param, Dify's code, headers). */
+export function apiError(
+  name: ErrorName,
+  message: string,
+  more: { param?: string | null; code?: string; headers?: Record<string, string> } = {},
+): ApiError {
+  const [status, type] = ERRORS[name];
+  return new ApiError(status, message, type, more.code ?? name, more.param ?? null, more.headers);
+}
+
+/** The commonest error: the request is wrong; `param` names the field. */
+const badRequest = (message: string, param: string | null = null, name: ErrorName = "invalid_request") =>
+  apiError(name, message, { param });
 
 export function errorJson(e: ApiError): string {
   return JSON.stringify({ error: { message: e.message, type: e.type, param: e.param, code: e.code } });
@@ -818,6 +878,83 @@ export class DenoKvStore implements Store {
   }
 }
 
+/** SQLite through bun:sqlite, in WAL mode so several Bun processes can share one file. */
+export class SqliteStore implements Store {
+  // deno-lint-ignore no-explicit-any
+  private constructor(private db: any, private sweeper: ReturnType<typeof setInterval>) {}
+
+  static async open(path: string): Promise<SqliteStore> {
+    const specifier = "bun:sqlite"; // a variable, so Deno never tries to resolve it
+    const { Database } = await import(specifier);
+    const db = new Database(path, { create: true });
+    // busy_timeout before WAL: two processes opening the file at once would otherwise see SQLITE_BUSY.
+    db.exec("PRAGMA busy_timeout = 5000;");
+    db.exec("PRAGMA journal_mode = WAL;");
+    db.exec("PRAGMA synchronous = NORMAL;");
+    db.exec("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, exp INTEGER)");
+    const sweep = () => db.query("DELETE FROM kv WHERE exp IS NOT NULL AND exp < ?").run(Date.now());
+    sweep();
+    const sweeper = setInterval(sweep, 600_000);
+    (sweeper as { unref?: () => void }).unref?.();
+    return new SqliteStore(db, sweeper);
+  }
+
+  private read(k: string): unknown {
+    const row = this.db.query("SELECT v, exp FROM kv WHERE k = ?").get(k) as { v: string; exp: number | null } | null;
+    if (!row || (row.exp !== null && row.exp < Date.now())) return null;
+    return JSON.parse(row.v);
+  }
+
+  private write(k: string, value: unknown, ttlMs: number): void {
+    this.db.query(
+      "INSERT INTO kv (k, v, exp) VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v, exp = excluded.exp",
+    )
+      .run(k, JSON.stringify(value), ttlMs ? Date.now() + ttlMs : null);
+  }
+
+  get<T>(key: StoreKey): Promise<T | null> {
+    return Promise.resolve(this.read(JSON.stringify(key)) as T | null);
+  }
+  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
+    return this.#writes.set(key, value, ttlMs);
+  }
+  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number, also: [StoreKey, unknown][] = []) {
+    return this.#writes.setIf(key, expected, value, ttlMs, also);
+  }
+
+  #writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
+
+  /** One transaction for the whole batch: each write's check sees the writes before it. */
+  #commit(batch: KvWrite[]): Promise<void> {
+    try {
+      this.db.exec("BEGIN IMMEDIATE");
+      const applied = batch.map((w) => {
+        const k = JSON.stringify(w.key);
+        if (w.checked && !sameValue(this.read(k), w.expected)) return false;
+        this.write(k, w.value, w.ttlMs);
+        for (const [key, v] of w.also) this.write(JSON.stringify(key), v, w.ttlMs);
+        return true;
+      });
+      this.db.exec("COMMIT");
+      batch.forEach((w, i) => w.done(applied[i]));
+    } catch (e) {
+      try {
+        this.db.exec("ROLLBACK");
+      } catch { /* no transaction was open */ }
+      for (const w of batch) w.fail(e);
+    }
+    return Promise.resolve();
+  }
+  delete(key: StoreKey): Promise<void> {
+    this.db.query("DELETE FROM kv WHERE k = ?").run(JSON.stringify(key));
+    return Promise.resolve();
+  }
+  close(): void {
+    clearInterval(this.sweeper);
+    this.db.close();
+  }
+}
+
 /**
  * Wraps a store so that (1) a value is readable in this process the moment it is written, before
  * the slow durable write commits — a client may send its next turn the instant it sees [DONE] —
@@ -967,89 +1104,19 @@ export function fingerprintText(text: string): string {
   return normal;
 }
 
-const textEncoder = new TextEncoder();
-
-// SHA-256 (FIPS 180-4). The round constants are the first 32 bits of the fractional parts of
-// the cube roots of the first 64 primes (checked against crypto.subtle in the tests).
-const SHA256_K = new Int32Array(64);
-for (let n = 2, i = 0; i < 64; n++) {
-  let prime = true;
-  for (let d = 2; d * d <= n; d++) if (n % d === 0) prime = false;
-  if (prime) SHA256_K[i++] = ((Math.cbrt(n) % 1) * 2 ** 32) | 0;
-}
-/** The message schedule, reused by every block. */
-const SHA256_W = new Int32Array(64);
-
-/** SHA-256 of `data`, computed in JS and synchronously: see `sha256` for when it is used. */
-export function sha256Sync(data: Uint8Array): Uint8Array {
-  const total = ((data.length + 9 + 63) >>> 6) << 6;
-  const buf = new Uint8Array(total);
-  buf.set(data);
-  buf[data.length] = 0x80;
-  const view = new DataView(buf.buffer);
-  view.setUint32(total - 8, Math.floor(data.length / 0x20000000));
-  view.setUint32(total - 4, (data.length << 3) >>> 0);
-  let h0 = 0x6a09e667, h1 = 0xbb67ae85, h2 = 0x3c6ef372, h3 = 0xa54ff53a;
-  let h4 = 0x510e527f, h5 = 0x9b05688c, h6 = 0x1f83d9ab, h7 = 0x5be0cd19;
-  for (let off = 0; off < total; off += 64) {
-    for (let i = 0; i < 16; i++) SHA256_W[i] = view.getInt32(off + i * 4);
-    for (let i = 16; i < 64; i++) {
-      const x = SHA256_W[i - 15], y = SHA256_W[i - 2];
-      const s0 = ((x >>> 7) | (x << 25)) ^ ((x >>> 18) | (x << 14)) ^ (x >>> 3);
-      const s1 = ((y >>> 17) | (y << 15)) ^ ((y >>> 19) | (y << 13)) ^ (y >>> 10);
-      SHA256_W[i] = (SHA256_W[i - 16] + s0 + SHA256_W[i - 7] + s1) | 0;
-    }
-    let a = h0, b = h1, c = h2, d = h3, e = h4, f = h5, g = h6, h = h7;
-    for (let i = 0; i < 64; i++) {
-      const S1 = ((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7));
-      const t1 = (h + S1 + ((e & f) ^ (~e & g)) + SHA256_K[i] + SHA256_W[i]) | 0;
-      const S0 = ((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10));
-      const t2 = (S0 + ((a & b) ^ (a & c) ^ (b & c))) | 0;
-      h = g;
-      g = f;
-      f = e;
-      e = (d + t1) | 0;
-      d = c;
-      c = b;
-      b = a;
-      a = (t1 + t2) | 0;
-    }
-    h0 = (h0 + a) | 0;
-    h1 = (h1 + b) | 0;
-    h2 = (h2 + c) | 0;
-    h3 = (h3 + d) | 0;
-    h4 = (h4 + e) | 0;
-    h5 = (h5 + f) | 0;
-    h6 = (h6 + g) | 0;
-    h7 = (h7 + h) | 0;
-  }
-  const out = new Uint8Array(32);
-  const ov = new DataView(out.buffer);
-  [h0, h1, h2, h3, h4, h5, h6, h7].forEach((v, i) => ov.setInt32(i * 4, v));
-  return out;
-}
-
-/**
- * Inputs up to this size are hashed in JS: crypto.subtle's digest is an async call into the
- * runtime that costs Deno ~300 µs of CPU per call on a busy server, more than JS needs for 16 KB.
- * Larger inputs (OpenClaw's 48 KB system prompt) go to the native one.
- */
-const JS_SHA256_BYTES = 16 * 1024;
-
-async function sha256(bytes: Uint8Array<ArrayBuffer>): Promise<Uint8Array> {
-  if (bytes.length <= JS_SHA256_BYTES) return sha256Sync(bytes);
-  return new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+/** SHA-256 of a text's UTF-8 bytes: node:crypto's, built into Deno (also on Deploy) and Bun, and synchronous. */
+function sha256(text: string): Buffer {
+  return createHash("sha256").update(text).digest();
 }
 
 /**
  * A stable id for "this chat, up to here": SHA-256 over system prompt and messages (role + text).
  * The client's echo of our answer must produce the same id as the answer we stored.
  */
-export async function fingerprint(system: string, messages: { role: string; text: string }[]): Promise<string> {
+export function fingerprint(system: string, messages: { role: string; text: string }[]): string {
   const parts = [fingerprintText(system)];
   for (const m of messages) parts.push(m.role, fingerprintText(m.text));
-  const digest = await sha256(textEncoder.encode(parts.join("\u0000")));
-  return btoa(String.fromCharCode(...digest)).slice(0, 32);
+  return sha256(parts.join("\u0000")).toString("base64").slice(0, 32);
 }
 
 /** Where a request's conversation came from; decides what is stored after the turn. */
@@ -1099,7 +1166,7 @@ export async function resolveConversation(
   if (!turn.history.length) return fresh;
   // A client may send its next turn the instant [DONE] arrives, before the last turn is hashed.
   if (recording.size) await Promise.all(recording);
-  const fp = await fingerprint(turn.system, turn.history);
+  const fp = fingerprint(turn.system, turn.history);
   const b = await store.get<Binding>(storeKeys.fingerprint(client, scope, fp));
   if (!b || continuing.has(b.c)) return fresh;
   const head = await store.get<Head>(storeKeys.head(client, scope, b.c));
@@ -1141,7 +1208,7 @@ async function storeTurn(
   }
   if (config.conversationMode !== "history") return;
   const answer: Message = { role: "assistant", text: t.content, files: [] };
-  const fp = await fingerprint(turn.system, [...turn.history, ...turn.current, answer]);
+  const fp = fingerprint(turn.system, [...turn.history, ...turn.current, answer]);
   const headKey = storeKeys.head(client, scope, conversation);
   const fpKey = storeKeys.fingerprint(client, scope, fp);
   const head: Head = { f: fp, u: res.user };
@@ -1221,15 +1288,6 @@ export function difyRequestBody(
   };
 }
 
-const STATUS_TYPES: Record<number, string> = {
-  400: "invalid_request_error",
-  401: "authentication_error",
-  403: "permission_error",
-  404: "not_found_error",
-  413: "invalid_request_error",
-  429: "rate_limit_error",
-};
-
 /**
  * Dify's `{code, message, status}` (an HTTP error or an in-stream `error` frame) as the error the
  * client gets. A fault retrying cannot fix stays a 4xx, so clients such as OpenClaw do not retry.
@@ -1242,25 +1300,22 @@ export function difyError(status: number, body: unknown, app: AppConfig, clientK
   if (status === 401 || status === 403) {
     // The operator's key is wrong: that is the gateway's fault, not the client's credentials.
     if (!clientKey) {
-      return new ApiError(
-        502,
-        `${message} — the Dify key configured for model ${app.model} was rejected`,
-        "upstream_error",
+      return apiError("dify_key_rejected", `${message} — the Dify key configured for model ${app.model} was rejected`, {
         code,
-      );
+      });
     }
-    return new ApiError(status, message, STATUS_TYPES[status], code);
+    return apiError(status === 401 ? "dify_unauthorized" : "dify_forbidden", message, { code });
   }
-  if (status === 429) return new ApiError(429, message, "rate_limit_error", code, null, { "retry-after": "1" });
-  if (status === 413) return new ApiError(413, message, "invalid_request_error", code);
+  if (status === 429) return apiError("dify_rate_limited", message, { code, headers: { "retry-after": "1" } });
+  if (status === 413) return apiError("dify_too_large", message, { code });
   if (status === 404) {
-    if (/conversation/i.test(detail)) return new ApiError(404, message, "not_found_error", "conversation_not_found");
-    return new ApiError(502, `${message} — check DIFY_API_URL for model ${app.model}`, "upstream_error", code);
+    if (/conversation/i.test(detail)) return apiError("conversation_not_found", message);
+    return apiError("dify_not_found", `${message} — check DIFY_API_URL for model ${app.model}`, { code });
   }
   if (status >= 400 && status < 500 && status !== 408 && status !== 415) {
-    return new ApiError(400, message, "invalid_request_error", code);
+    return apiError("dify_invalid_request", message, { code });
   }
-  return new ApiError(502, message, "upstream_error", code);
+  return apiError("upstream_error", message, { code });
 }
 
 /** What a non-SSE Dify response says, as an error: JSON envelope, HTML page, or other. */
@@ -1275,19 +1330,16 @@ async function unexpectedResponse(res: Response, app: AppConfig, clientKey: bool
     return difyError(res.ok ? Number(body.status) || 502 : res.status, body, app, clientKey);
   }
   if (res.ok) {
-    return new ApiError(
-      502,
-      `Dify (model ${app.model}) answered ${type || "an unknown type"} where an event stream was expected`,
-      "upstream_error",
+    return apiError(
       "bad_upstream_response",
+      `Dify (model ${app.model}) answered ${type || "an unknown type"} where an event stream was expected`,
     );
   }
   const what = /html/i.test(type) || /^\s*</.test(text) ? "an HTML error page (a proxy in front of Dify?)" : "an error";
-  return new ApiError(
-    res.status === 504 ? 504 : 502,
+  return apiError(
+    res.status === 504 ? "upstream_gateway_timeout" : "upstream_error",
     `Dify (model ${app.model}) answered HTTP ${res.status} with ${what}`,
-    "upstream_error",
-    `dify_${res.status}`,
+    { code: `dify_${res.status}` },
   );
 }
 
@@ -1298,11 +1350,9 @@ function connectionError(e: unknown, app: AppConfig, signal: AbortSignal): ApiEr
   const cause = (e as Error)?.cause;
   const detail = cause instanceof Error ? cause.message : (e as Error)?.message ?? String(e);
   const reason = detail.split("\n")[0].replace(/^error sending request for url \(\S*\):\s*/, "");
-  return new ApiError(
-    502,
-    `could not reach Dify for model ${app.model} at ${new URL(app.url).host}: ${reason}`,
-    "upstream_error",
+  return apiError(
     "upstream_unreachable",
+    `could not reach Dify for model ${app.model} at ${new URL(app.url).host}: ${reason}`,
   );
 }
 
@@ -1582,11 +1632,9 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
       const d = isObject(ev.data) ? ev.data : {};
       if (typeof d.total_tokens === "number") t.workflowTokens = d.total_tokens;
       if (d.status === "failed") {
-        t.error ??= new ApiError(
-          400,
-          `Dify (model ${o.app.model}) workflow failed: ${String(d.error ?? "unknown error")}`,
-          "invalid_request_error",
+        t.error ??= apiError(
           "workflow_failed",
+          `Dify (model ${o.app.model}) workflow failed: ${String(d.error ?? "unknown error")}`,
         );
         return;
       }
@@ -1729,7 +1777,7 @@ export interface ChunkReader {
   cancel(): void;
 }
 
-const CLIENT_GONE = new ApiError(499, "client closed the request", "client_error", "client_closed");
+const CLIENT_GONE = apiError("client_closed", "client closed the request");
 /** How long a call whose client has left may wait for Dify to name the task to stop. */
 const GONE_GRACE_MS = 5000;
 
@@ -1829,21 +1877,17 @@ export class Watchdog {
       if (!ex.headersReceived) {
         if (upstreamTimeoutMs && now - ex.started > upstreamTimeoutMs) {
           ex.abort(
-            new ApiError(
-              504,
-              `Dify sent nothing within ${upstreamTimeoutMs / 1000} s (UPSTREAM_TIMEOUT_SECONDS)`,
-              "upstream_error",
+            apiError(
               "upstream_timeout",
+              `Dify sent nothing within ${upstreamTimeoutMs / 1000} s (UPSTREAM_TIMEOUT_SECONDS)`,
             ),
           );
         }
       } else if (upstreamIdleMs && now - ex.lastUpstream > upstreamIdleMs) {
         ex.abort(
-          new ApiError(
-            504,
-            `Dify went silent for ${upstreamIdleMs / 1000} s mid-answer (UPSTREAM_IDLE_SECONDS)`,
-            "upstream_error",
+          apiError(
             "upstream_idle_timeout",
+            `Dify went silent for ${upstreamIdleMs / 1000} s mid-answer (UPSTREAM_IDLE_SECONDS)`,
           ),
         );
       }
@@ -1885,27 +1929,22 @@ export async function pump(
     const reason = ex.upstream.signal.reason;
     if (reason instanceof ApiError) return reason;
     return t.error ??
-      new ApiError(
-        502,
-        `the connection to Dify broke mid-answer: ${(e as Error)?.message ?? e}`,
-        "upstream_error",
-        "upstream_broken",
-      );
+      apiError("upstream_broken", `the connection to Dify broke mid-answer: ${(e as Error)?.message ?? e}`);
   }
   if (ex.upstream.signal.reason instanceof ApiError) return ex.upstream.signal.reason;
   if (t.error) return t.error;
   if (!t.ended) {
-    return new ApiError(
-      502,
-      `Dify's stream ended before the answer was complete (${t.content.length} characters received, no message_end)`,
-      "upstream_error",
+    return apiError(
       "incomplete_stream",
+      `Dify's stream ended before the answer was complete (${t.content.length} characters received, no message_end)`,
     );
   }
   return undefined;
 }
 
 // ─── OpenAI output ──────────────────────────────────────────────────────────────────────────────
+
+const textEncoder = new TextEncoder();
 
 const CHUNK_TAIL = `},"logprobs":null,"finish_reason":null}]}\n\n`;
 
@@ -1996,13 +2035,7 @@ export async function readJsonBody(
   timeoutMs: number,
   deadline: DeadlineClock,
 ): Promise<unknown> {
-  const tooBig = () =>
-    new ApiError(
-      413,
-      `request body is over ${limit} bytes (MAX_BODY_BYTES)`,
-      "invalid_request_error",
-      "request_too_large",
-    );
+  const tooBig = () => apiError("request_too_large", `request body is over ${limit} bytes (MAX_BODY_BYTES)`);
   const length = req.headers.get("content-length");
   if (Number(length) > limit) throw tooBig();
   // With a declared length the runtime holds the body to it, so one read does (fewer crossings
@@ -2066,12 +2099,7 @@ function parseJsonBytes(bytes: Uint8Array): unknown {
 }
 
 function bodyTimeout(timeoutMs: number): ApiError {
-  return new ApiError(
-    408,
-    `request body not received within ${timeoutMs / 1000} s`,
-    "invalid_request_error",
-    "request_timeout",
-  );
+  return apiError("request_timeout", `request body not received within ${timeoutMs / 1000} s`);
 }
 
 /** Equal digests, compared without an early exit. */
@@ -2090,10 +2118,6 @@ function bearerToken(req: Request): string | undefined {
   return req.headers.get("x-api-key")?.trim() || undefined;
 }
 
-function base64url(bytes: Uint8Array): string {
-  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
-}
-
 /** The server: a plain `(Request) => Response` handler plus what shutdown needs. */
 
 /** A percent-encoded path segment; malformed encoding is the client's 400, not a 500. */
@@ -2106,9 +2130,7 @@ function pathPart(segment: string): string {
 }
 
 function methodNotAllowed(allowed: string): ApiError {
-  return new ApiError(405, `method not allowed; use ${allowed}`, "invalid_request_error", "method_not_allowed", null, {
-    allow: allowed,
-  });
+  return apiError("method_not_allowed", `method not allowed; use ${allowed}`, { headers: { allow: allowed } });
 }
 
 // ─── The bridge: routes, and one chat completion from request to answer ─────────────────────────
@@ -2129,7 +2151,7 @@ const NO_SINK: Sink = { content() {}, reasoning() {}, ping() {} };
 export function createServer(config: Config, deps: Deps) {
   const watchdog = new Watchdog(config, deps.now);
   const watchdogDeadline: DeadlineClock = (ms, expire) => watchdog.deadline(ms, expire);
-  const proxyDigests = Promise.all(config.proxyKeys.map((key) => sha256(textEncoder.encode(key))));
+  const proxyDigests = config.proxyKeys.map(sha256);
   const detected = new Map<string, Promise<AppType>>();
   const continuing = new Set<string>();
   /** The served model ids; with only DIFY_API_KEY, the one name every model routes to. */
@@ -2145,22 +2167,21 @@ export function createServer(config: Config, deps: Deps) {
     const token = bearerToken(req);
     const known = accepted.get(token ?? "");
     if (known) return { client: known, token };
-    const digest = await sha256(textEncoder.encode(token ?? ""));
+    const digest = sha256(token ?? "");
     if (config.proxyKeys.length) {
       let ok = false;
-      for (const d of await proxyDigests) ok = sameBytes(d, digest) || ok;
+      for (const d of proxyDigests) ok = sameBytes(d, digest) || ok;
       if (!token || !ok) {
-        throw new ApiError(
-          401,
-          token ? "invalid API key" : "missing API key: send Authorization: Bearer <key>",
-          "authentication_error",
+        throw apiError(
           "invalid_api_key",
-          null,
-          { "www-authenticate": "Bearer" },
+          token ? "invalid API key" : "missing API key: send Authorization: Bearer <key>",
+          {
+            headers: { "www-authenticate": "Bearer" },
+          },
         );
       }
     }
-    const client = base64url(digest.subarray(0, 12));
+    const client = digest.subarray(0, 12).toString("base64url");
     if (accepted.size >= 10_000) accepted.clear();
     accepted.set(token ?? "", client);
     return { client, token };
@@ -2169,12 +2190,10 @@ export function createServer(config: Config, deps: Deps) {
   function findApp(model: string): AppConfig {
     const app = config.apps.get(model) ?? config.catchAll;
     if (!app) {
-      throw new ApiError(
-        404,
-        `The model ${preview(model)} does not exist. Available: ${[...config.apps.keys()].join(", ")}`,
-        "invalid_request_error",
+      throw apiError(
         "model_not_found",
-        "model",
+        `The model ${preview(model)} does not exist. Available: ${[...config.apps.keys()].join(", ")}`,
+        { param: "model" },
       );
     }
     return app;
@@ -2209,11 +2228,9 @@ export function createServer(config: Config, deps: Deps) {
     const clientKey = !key;
     if (!key && !config.proxyKeys.length && token?.startsWith("app-")) key = token;
     if (!key) {
-      throw new ApiError(
-        401,
-        `no Dify key for model ${model}: configure DIFY_API_KEY / DIFY_APPS, or send your Dify app key as Authorization: Bearer app-…`,
-        "authentication_error",
+      throw apiError(
         "missing_dify_key",
+        `no Dify key for model ${model}: configure DIFY_API_KEY / DIFY_APPS, or send your Dify app key as Authorization: Bearer app-…`,
       );
     }
     return { app, key, clientKey, type: await appType(app, key) };
@@ -2230,13 +2247,10 @@ export function createServer(config: Config, deps: Deps) {
     entry.app_type = r.type;
     const turn = buildTurn(chatReq.messages, config.envelope);
     if (active >= config.maxConcurrentStreams) {
-      throw new ApiError(
-        503,
-        `too many concurrent requests (MAX_CONCURRENT_STREAMS=${config.maxConcurrentStreams}); retry shortly`,
-        "server_error",
+      throw apiError(
         "overloaded",
-        null,
-        { "retry-after": "1" },
+        `too many concurrent requests (MAX_CONCURRENT_STREAMS=${config.maxConcurrentStreams}); retry shortly`,
+        { headers: { "retry-after": "1" } },
       );
     }
     active++;
@@ -2503,11 +2517,11 @@ export function createServer(config: Config, deps: Deps) {
       if (path === "/") {
         return jsonResponse(200, { name: "dify-openai", endpoints: ["/v1/chat/completions", "/v1/models"] });
       }
-      throw new ApiError(404, `unknown route ${req.method} ${url.pathname}`, "invalid_request_error", "not_found");
+      throw apiError("not_found", `unknown route ${req.method} ${url.pathname}`);
     } catch (e) {
       const error = e instanceof ApiError
         ? e
-        : new ApiError(500, `internal error: ${(e as Error)?.message ?? e}`, "server_error", "internal_error");
+        : apiError("internal_error", `internal error: ${(e as Error)?.message ?? e}`);
       if (!(e instanceof ApiError)) {
         deps.warn(`unexpected error on ${req.method} ${url.pathname}: ${(e as Error)?.stack ?? e}`);
       }
@@ -2524,13 +2538,7 @@ export function createServer(config: Config, deps: Deps) {
     const model = (name: string) => ({ id: name, object: "model", created: 0, owned_by: "dify" });
     if (!id) return jsonResponse(200, { object: "list", data: modelIds.map(model) });
     if (config.catchAll || config.apps.has(id)) return jsonResponse(200, model(id));
-    throw new ApiError(
-      404,
-      `The model ${preview(id)} does not exist`,
-      "invalid_request_error",
-      "model_not_found",
-      "model",
-    );
+    throw apiError("model_not_found", `The model ${preview(id)} does not exist`, { param: "model" });
   }
 
   return {
@@ -2542,7 +2550,7 @@ export function createServer(config: Config, deps: Deps) {
     recorded: async () => void await Promise.all(conversations.recording),
     /** Ends every open answer with an error frame (shutdown grace is over). */
     abortAll() {
-      const reason = new ApiError(503, "the server is shutting down", "server_error", "shutting_down");
+      const reason = apiError("shutting_down", "the server is shutting down");
       for (const ex of watchdog.exchanges) ex.abort(reason);
     },
   };
@@ -2614,83 +2622,6 @@ interface ProcessLike {
   env: Env;
   on(signal: string, listener: () => void): void;
   exit(code: number): never;
-}
-
-/** SQLite through bun:sqlite, in WAL mode so several Bun processes can share one file. */
-export class SqliteStore implements Store {
-  // deno-lint-ignore no-explicit-any
-  private constructor(private db: any, private sweeper: ReturnType<typeof setInterval>) {}
-
-  static async open(path: string): Promise<SqliteStore> {
-    const specifier = "bun:sqlite"; // a variable, so Deno never tries to resolve it
-    const { Database } = await import(specifier);
-    const db = new Database(path, { create: true });
-    // busy_timeout before WAL: two processes opening the file at once would otherwise see SQLITE_BUSY.
-    db.exec("PRAGMA busy_timeout = 5000;");
-    db.exec("PRAGMA journal_mode = WAL;");
-    db.exec("PRAGMA synchronous = NORMAL;");
-    db.exec("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, exp INTEGER)");
-    const sweep = () => db.query("DELETE FROM kv WHERE exp IS NOT NULL AND exp < ?").run(Date.now());
-    sweep();
-    const sweeper = setInterval(sweep, 600_000);
-    (sweeper as { unref?: () => void }).unref?.();
-    return new SqliteStore(db, sweeper);
-  }
-
-  private read(k: string): unknown {
-    const row = this.db.query("SELECT v, exp FROM kv WHERE k = ?").get(k) as { v: string; exp: number | null } | null;
-    if (!row || (row.exp !== null && row.exp < Date.now())) return null;
-    return JSON.parse(row.v);
-  }
-
-  private write(k: string, value: unknown, ttlMs: number): void {
-    this.db.query(
-      "INSERT INTO kv (k, v, exp) VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v, exp = excluded.exp",
-    )
-      .run(k, JSON.stringify(value), ttlMs ? Date.now() + ttlMs : null);
-  }
-
-  get<T>(key: StoreKey): Promise<T | null> {
-    return Promise.resolve(this.read(JSON.stringify(key)) as T | null);
-  }
-  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#writes.set(key, value, ttlMs);
-  }
-  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number, also: [StoreKey, unknown][] = []) {
-    return this.#writes.setIf(key, expected, value, ttlMs, also);
-  }
-
-  #writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
-
-  /** One transaction for the whole batch: each write's check sees the writes before it. */
-  #commit(batch: KvWrite[]): Promise<void> {
-    try {
-      this.db.exec("BEGIN IMMEDIATE");
-      const applied = batch.map((w) => {
-        const k = JSON.stringify(w.key);
-        if (w.checked && !sameValue(this.read(k), w.expected)) return false;
-        this.write(k, w.value, w.ttlMs);
-        for (const [key, v] of w.also) this.write(JSON.stringify(key), v, w.ttlMs);
-        return true;
-      });
-      this.db.exec("COMMIT");
-      batch.forEach((w, i) => w.done(applied[i]));
-    } catch (e) {
-      try {
-        this.db.exec("ROLLBACK");
-      } catch { /* no transaction was open */ }
-      for (const w of batch) w.fail(e);
-    }
-    return Promise.resolve();
-  }
-  delete(key: StoreKey): Promise<void> {
-    this.db.query("DELETE FROM kv WHERE k = ?").run(JSON.stringify(key));
-    return Promise.resolve();
-  }
-  close(): void {
-    clearInterval(this.sweeper);
-    this.db.close();
-  }
 }
 
 function dirOf(path: string): string {

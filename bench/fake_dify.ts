@@ -2,8 +2,8 @@
  * In-process fake of Dify's Service API for tests and benchmarks.
  *
  * Real HTTP (`Deno.serve` on 127.0.0.1, random port) that answers with Dify's exact bytes: fixtures from
- * `shared/dify-wire/` are replayed verbatim, and generated streams follow Dify's framing and key order
- * (see `shared/dify-api.md` §3–§5). Behaviour is steered by the app key (auth errors, app mode) and by
+ * `testdata/dify-wire/` are replayed verbatim, and generated streams follow Dify's framing and key order
+ * (see Dify's Service API reference, §3–§5). Behaviour is steered by the app key (auth errors, app mode) and by
  * directives embedded in the query text (`fixture:<name>`, `fault:<name>[:<n>]`).
  *
  * Keys: `app-bad` → 401, `app-gone` → 403 (also `app-abnormal`, `app-disabled`, `app-archived`), any other
@@ -115,10 +115,10 @@ function resolveFixturesDir(): URL {
     const abs = dir.startsWith("/") ? dir : `${Deno.cwd()}/${dir}`;
     return new URL("file://" + abs.split("/").map(encodeURIComponent).join("/"));
   }
-  return new URL("../../shared/dify-wire/", import.meta.url);
+  return new URL("../testdata/dify-wire/", import.meta.url);
 }
 
-/** Directory holding the Dify wire fixtures (`$DIFY_WIRE_DIR` overrides the default `../../shared/dify-wire/`). */
+/** Directory holding the Dify wire fixtures (`$DIFY_WIRE_DIR` overrides the default `testdata/dify-wire/`). */
 export const FIXTURES_DIR: URL = resolveFixturesDir();
 
 const fixtureCache = new Map<string, Promise<Uint8Array<ArrayBuffer>>>();
