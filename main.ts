@@ -28,6 +28,10 @@ export interface AppConfig {
   input: string;
   /** Workflow apps: the output variable that holds the answer. */
   output?: string;
+  /** Chatflow and workflow apps: the published workflow version to run (Dify's `workflow_id`); absent: the latest. */
+  workflowId?: string;
+  /** False: Dify does not name new conversations (naming costs one extra LLM call per conversation). */
+  autoGenerateName?: boolean;
 }
 
 export interface Config {
@@ -53,9 +57,18 @@ export interface Config {
   keepaliveMs: number;
   upstreamTimeoutMs: number;
   upstreamIdleMs: number;
+  /** Bounds one answer's text (content and reasoning, UTF-8): Dify or a man in the middle may never stop. */
+  maxAnswerBytes: number;
+  answerTimeoutMs: number;
   maxConcurrentStreams: number;
   shutdownGraceMs: number;
+  /** Closes a connection that sends no request for this long, or never finishes one's head (0: never). */
+  idleConnectionMs: number;
   defaultUser: string;
+  /** Dify names each new conversation with one extra LLM call unless false (`AUTO_GENERATE_NAME`; per app too). */
+  autoGenerateName: boolean;
+  /** `DELETE /v1/conversations/{user}` also deletes the user's conversation at Dify (else only with `?dify=true`). */
+  forgetAtDify: boolean;
 }
 
 /** A configuration mistake: start-up prints its message as one line and exits. */
@@ -83,6 +96,17 @@ function number(env: Env, name: string, fallback: number, min = 0): number {
 function flag(env: Env, name: string): boolean {
   return /^(1|true|yes|on)$/i.test(env[name]?.trim() ?? "");
 }
+
+/** A switch whose default is on: only an explicit yes or no is accepted. */
+function toggle(env: Env, name: string, fallback: boolean): boolean {
+  const raw = env[name]?.trim();
+  if (!raw) return fallback;
+  if (/^(1|true|yes|on)$/i.test(raw)) return true;
+  if (/^(0|false|no|off)$/i.test(raw)) return false;
+  throw new ConfigError(`${name} must be true or false (got "${raw}")`);
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
 /** Dify's API base: a valid http(s) URL without a trailing slash or `/chat-messages`. */
 export function difyBase(raw: string, name = "DIFY_API_URL"): string {
@@ -125,6 +149,18 @@ function parseApps(raw: string, difyUrl: string): Map<string, AppConfig> {
       if (spec.url !== undefined) app.url = difyBase(String(spec.url), `${where}.url`);
       if (typeof spec.input === "string") app.input = spec.input;
       if (typeof spec.output === "string") app.output = spec.output;
+      if (spec.workflow_id !== undefined) {
+        if (typeof spec.workflow_id !== "string" || !UUID.test(spec.workflow_id)) {
+          throw new ConfigError(`${where}.workflow_id must be a workflow version id (a UUID)`);
+        }
+        app.workflowId = spec.workflow_id;
+      }
+      if (spec.auto_generate_name !== undefined) {
+        if (typeof spec.auto_generate_name !== "boolean") {
+          throw new ConfigError(`${where}.auto_generate_name must be true or false`);
+        }
+        app.autoGenerateName = spec.auto_generate_name;
+      }
     } else throw new ConfigError(`${where} must be a key string or {"key", "type"?, "url"?}`);
     apps.set(model, app);
   }
@@ -139,6 +175,8 @@ export function loadConfig(env: Env): Config {
   const apps = env.DIFY_APPS?.trim() ? parseApps(env.DIFY_APPS, difyUrl) : new Map();
   const defaultApp: AppConfig = { model: defaultModel, key: defaultKey, url: difyUrl, input: "query" };
   if (apps.size && defaultKey && !apps.has(defaultModel)) apps.set(defaultModel, defaultApp);
+  const autoGenerateName = toggle(env, "AUTO_GENERATE_NAME", true);
+  for (const app of [...apps.values(), defaultApp]) app.autoGenerateName ??= autoGenerateName;
   const seconds = (name: string, fallback: number) => number(env, name, fallback) * 1000;
   return {
     port: number(env, "PORT", 8000),
@@ -161,9 +199,15 @@ export function loadConfig(env: Env): Config {
     keepaliveMs: seconds("KEEPALIVE_SECONDS", 15),
     upstreamTimeoutMs: seconds("UPSTREAM_TIMEOUT_SECONDS", 120),
     upstreamIdleMs: seconds("UPSTREAM_IDLE_SECONDS", 300),
+    maxAnswerBytes: number(env, "MAX_ANSWER_BYTES", 8 * 1024 * 1024, 1),
+    // Dify's own limit on one run (APP_MAX_EXECUTION_TIME) defaults to 1200 s.
+    answerTimeoutMs: seconds("ANSWER_TIMEOUT_SECONDS", 1200),
     maxConcurrentStreams: number(env, "MAX_CONCURRENT_STREAMS", 4096, 1),
     shutdownGraceMs: seconds("SHUTDOWN_GRACE_SECONDS", 10),
+    idleConnectionMs: seconds("IDLE_CONNECTION_SECONDS", 60),
     defaultUser: env.DEFAULT_USER?.trim() || "dify-openai",
+    autoGenerateName,
+    forgetAtDify: flag(env, "FORGET_AT_DIFY"),
   };
 }
 
@@ -193,6 +237,9 @@ export const ERRORS = {
   invalid_json: [400, "invalid_request_error"],
   invalid_encoding: [400, "invalid_request_error"],
   too_many_parts: [400, "invalid_request_error"],
+  unsupported_parameter: [400, "invalid_request_error"],
+  missing_input: [400, "invalid_request_error"],
+  speech_disabled: [400, "invalid_request_error"],
   not_found: [404, "invalid_request_error"],
   model_not_found: [404, "invalid_request_error"],
   method_not_allowed: [405, "invalid_request_error"],
@@ -205,6 +252,7 @@ export const ERRORS = {
   conversation_not_found: [404, "not_found_error"],
   // The bridge itself
   client_closed: [499, "client_error"],
+  client_stalled: [499, "client_error"],
   internal_error: [500, "server_error"],
   overloaded: [503, "server_error"],
   shutting_down: [503, "server_error"],
@@ -223,6 +271,8 @@ export const ERRORS = {
   upstream_unreachable: [502, "upstream_error"],
   upstream_broken: [502, "upstream_error"],
   incomplete_stream: [502, "upstream_error"],
+  answer_too_large: [502, "upstream_error"],
+  answer_timeout: [504, "upstream_error"],
   upstream_timeout: [504, "upstream_error"],
   upstream_gateway_timeout: [504, "upstream_error"],
   upstream_idle_timeout: [504, "upstream_error"],
@@ -460,6 +510,40 @@ function optionalString(body: Record<string, unknown>, name: string): string | u
   return v;
 }
 
+/**
+ * OpenAI fields whose caller depends on what Dify cannot do: a 400 naming the field, never an answer
+ * of another shape. Fields that only tune generation (temperature, seed, …) are accepted and ignored.
+ */
+function refuseUnsupported(body: Record<string, unknown>): void {
+  const refuse = (field: string, why: string) =>
+    apiError("unsupported_parameter", `\`${field}\` is not supported: ${why}`, { param: field });
+  if (body.n !== undefined && body.n !== null && body.n !== 1) {
+    throw refuse("n", "a Dify app gives one answer per request (send n=1 or leave it out)");
+  }
+  if (body.logprobs === true) throw refuse("logprobs", "Dify does not report token log probabilities");
+  if (typeof body.top_logprobs === "number" && body.top_logprobs > 0) {
+    throw refuse("top_logprobs", "Dify does not report token log probabilities");
+  }
+  if (Array.isArray(body.modalities) && body.modalities.includes("audio")) {
+    throw refuse("modalities", "a Dify app answers in text; POST /v1/audio/speech turns text into speech");
+  }
+  if (body.audio !== undefined && body.audio !== null) {
+    throw refuse("audio", "a Dify app answers in text; POST /v1/audio/speech turns text into speech");
+  }
+  const format = body.response_format;
+  if (format === undefined || format === null) return;
+  const type = isObject(format) ? format.type : undefined;
+  if (type === "json_object" || type === "json_schema") {
+    throw refuse(
+      "response_format",
+      `a Dify app's answer cannot be held to ${type}; ask for JSON in the prompt or in the app, without response_format`,
+    );
+  }
+  if (type !== "text") {
+    throw badRequest('`response_format.type` must be "text", "json_object" or "json_schema"', "response_format");
+  }
+}
+
 /** Validates an OpenAI chat completion body; throws ApiError 400 naming the bad field. */
 export function parseChatRequest(
   body: unknown,
@@ -478,9 +562,7 @@ export function parseChatRequest(
   if (body.stream !== undefined && body.stream !== null && typeof body.stream !== "boolean") {
     throw badRequest("`stream` must be a boolean", "stream");
   }
-  if (body.n !== undefined && body.n !== null && body.n !== 1) {
-    throw badRequest("only n=1 is supported: a Dify app gives one answer per request", "n");
-  }
+  refuseUnsupported(body);
   const streamOptions = body.stream_options;
   if (streamOptions !== undefined && streamOptions !== null && !isObject(streamOptions)) {
     throw badRequest("`stream_options` must be an object", "stream_options");
@@ -498,22 +580,356 @@ export function parseChatRequest(
     return { role, text, files };
   });
   if (!messages.some((m) => m.role === "user")) throw badRequest("`messages` has no user message", "messages");
-  const metadata = isObject(body.metadata) ? body.metadata : {};
   const inputs = body.inputs;
   if (inputs !== undefined && inputs !== null && !isObject(inputs)) {
     throw badRequest("`inputs` must be an object of Dify input variables", "inputs");
   }
-  const sessionId = headers.get("x-session-id") ?? optionalString(body, "prompt_cache_key") ??
-    headers.get("x-openwebui-chat-id") ?? (typeof metadata.chat_id === "string" ? metadata.chat_id : undefined);
   return {
     model,
     messages,
     stream: body.stream === true,
     includeUsage: isObject(streamOptions) && streamOptions.include_usage === true,
-    user: optionalString(body, "user") || undefined,
+    // `safety_identifier` is OpenAI's successor to `user`: the same end-user id.
+    user: optionalString(body, "user") || optionalString(body, "safety_identifier") || undefined,
     conversationId: optionalString(body, "conversation_id") || headers.get("x-dify-conversation-id") || undefined,
-    sessionId: sessionId || undefined,
+    sessionId: sessionIdOf(body, headers),
     inputs: (inputs as Record<string, unknown> | undefined) ?? {},
+  };
+}
+
+/** `POST /v1/audio/transcriptions` (OpenAI's multipart form) reduced to what Dify's speech-to-text takes. */
+export interface TranscriptionRequest {
+  model: string;
+  file: AudioFile;
+  /** `json` answers `{"text"}`, `text` the bare text. */
+  format: "json" | "text";
+  user?: string;
+}
+
+function formText(form: FormData, name: string): string | undefined {
+  const v = form.get(name);
+  return typeof v === "string" && v.trim() ? v.trim() : undefined;
+}
+
+/** Validates a transcription form; `language`, `prompt`, `temperature` are accepted and ignored (Dify has no use for them). */
+export async function parseTranscriptionForm(form: FormData): Promise<TranscriptionRequest> {
+  const model = formText(form, "model");
+  if (!model) throw badRequest("`model` must be a non-empty string", "model");
+  const file = form.get("file");
+  if (!(file instanceof File)) throw badRequest("`file` must be an audio file part", "file");
+  if (!file.size) throw badRequest("`file` is empty", "file");
+  const format = formText(form, "response_format") ?? "json";
+  if (format !== "json" && format !== "text") {
+    throw apiError(
+      "unsupported_parameter",
+      `\`response_format\` ${
+        preview(format)
+      } is not supported: Dify's speech-to-text gives plain text (json or text), without timings`,
+      { param: "response_format" },
+    );
+  }
+  if (/^(true|1)$/i.test(formText(form, "stream") ?? "")) {
+    throw apiError("unsupported_parameter", "`stream` is not supported: Dify's speech-to-text answers once", {
+      param: "stream",
+    });
+  }
+  if ([...form.getAll("include[]"), ...form.getAll("include")].includes("logprobs")) {
+    throw apiError("unsupported_parameter", "`include` logprobs is not supported: Dify reports no log probabilities", {
+      param: "include",
+    });
+  }
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  return {
+    model,
+    file: { bytes, filename: file.name || "audio", mime: file.type },
+    format,
+    user: formText(form, "user"),
+  };
+}
+
+/** `POST /v1/audio/speech` reduced to what Dify's text-to-speech takes. */
+export interface SpeechRequest {
+  model: string;
+  input: string;
+  voice?: string;
+  user?: string;
+}
+
+const SPEECH_FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"];
+
+/**
+ * Validates a speech request. Dify's model picks the audio format (the response says which), so a
+ * container format is accepted whatever it names; raw `pcm` is refused: Dify's audio always has a container.
+ */
+export function parseSpeechRequest(body: unknown): SpeechRequest {
+  if (!isObject(body)) throw badRequest("the request body must be a JSON object");
+  const model = body.model;
+  if (typeof model !== "string" || !model.trim()) throw badRequest("`model` must be a non-empty string", "model");
+  const input = body.input;
+  if (typeof input !== "string" || !input.trim()) throw badRequest("`input` must be a non-empty string", "input");
+  const rawVoice = body.voice;
+  const voice = typeof rawVoice === "string" ? rawVoice : isObject(rawVoice) ? rawVoice.id : undefined;
+  if (rawVoice !== undefined && rawVoice !== null && typeof voice !== "string") {
+    throw badRequest('`voice` must be a voice name or {"id": …}', "voice");
+  }
+  const format = optionalString(body, "response_format");
+  if (format !== undefined && !SPEECH_FORMATS.includes(format)) {
+    throw badRequest(`\`response_format\` must be one of ${SPEECH_FORMATS.join(", ")}`, "response_format");
+  }
+  if (format === "pcm") {
+    throw apiError(
+      "unsupported_parameter",
+      "`response_format` pcm is not supported: Dify's speech comes in a container",
+      {
+        param: "response_format",
+      },
+    );
+  }
+  if (body.stream_format === "sse") {
+    throw apiError("unsupported_parameter", "`stream_format` sse is not supported: the audio is streamed as it is", {
+      param: "stream_format",
+    });
+  }
+  return {
+    model,
+    input,
+    voice: (typeof voice === "string" ? voice.trim() : "") || undefined,
+    user: optionalString(body, "user") || optionalString(body, "safety_identifier") || undefined,
+  };
+}
+
+/** A Responses request: the shared chat request, plus what the response object and its chain need. */
+export interface ResponsesRequest extends ChatRequest {
+  /** The response this one continues (`previous_response_id`). */
+  previousResponseId?: string;
+  /** False: the client keeps the history itself (Codex sends `store: false` and resends it all). */
+  store: boolean;
+  /** Request fields the `response` object echoes back, with OpenAI's documented defaults filled in. */
+  echo: ResponseEcho;
+}
+
+/** The request's settings as every `response` object repeats them. */
+export interface ResponseEcho {
+  instructions: string | null;
+  max_output_tokens: number | null;
+  metadata: Record<string, unknown>;
+  parallel_tool_calls: boolean;
+  previous_response_id: string | null;
+  prompt_cache_key: string | null;
+  reasoning: Record<string, unknown>;
+  safety_identifier: string | null;
+  store: boolean;
+  temperature: number;
+  text: Record<string, unknown>;
+  tool_choice: unknown;
+  tools: unknown[];
+  top_p: number;
+  truncation: string;
+  user: string | null;
+}
+
+const unsupported = (field: string, why: string) =>
+  apiError("unsupported_parameter", `\`${field}\` is not supported: ${why}`, { param: field });
+
+/** A trailing `:N` turn counter some clients append to a session id (`agent:main:main:3`); chat ids stay whole. */
+const SESSION_COUNTER = /^(.*[^:\d].*):\d{1,4}$/;
+
+/**
+ * The client's name for this chat, from the headers and fields clients send it in. Never
+ * `x-client-request-id`: in OpenAI's API that is a per-request id and would split every chat.
+ */
+function sessionIdOf(body: Record<string, unknown>, headers: Headers): string | undefined {
+  const affinity = headers.get("x-session-affinity")?.trim();
+  const clientMetadata = isObject(body.client_metadata) ? body.client_metadata : {};
+  const metadata = isObject(body.metadata) ? body.metadata : {};
+  const id = headers.get("x-session-id") || headers.get("session-id") || headers.get("session_id") ||
+    headers.get("thread-id") || (affinity && (SESSION_COUNTER.exec(affinity)?.[1] ?? affinity)) ||
+    (typeof clientMetadata.session_id === "string" ? clientMetadata.session_id : undefined) ||
+    optionalString(body, "prompt_cache_key") || headers.get("x-openwebui-chat-id") ||
+    (typeof metadata.chat_id === "string" ? metadata.chat_id : undefined);
+  return id?.trim() || undefined;
+}
+
+/** Codex's per-turn `<environment_context>` (cwd, shell, date): for its local agent, not the user's question. */
+const ENVIRONMENT_CONTEXT = /^\s*<environment_context>[\s\S]*<\/environment_context>\s*$/;
+
+/** Optional fields of a Responses body that must have a type when present. */
+function checkTypes(body: Record<string, unknown>): void {
+  const kinds: [string, string][] = [
+    ["stream", "boolean"],
+    ["store", "boolean"],
+    ["parallel_tool_calls", "boolean"],
+    ["temperature", "number"],
+    ["top_p", "number"],
+    ["max_output_tokens", "number"],
+  ];
+  for (const [name, kind] of kinds) {
+    const v = body[name];
+    if (v !== undefined && v !== null && typeof v !== kind) throw badRequest(`\`${name}\` must be a ${kind}`, name);
+  }
+  for (const name of ["instructions", "previous_response_id", "user", "safety_identifier", "prompt_cache_key"]) {
+    optionalString(body, name);
+  }
+  for (const name of ["metadata", "reasoning", "text", "client_metadata", "stream_options", "inputs"]) {
+    const v = body[name];
+    if (v !== undefined && v !== null && !isObject(v)) throw badRequest(`\`${name}\` must be an object`, name);
+  }
+  for (const name of ["tools", "include"]) {
+    const v = body[name];
+    if (v !== undefined && v !== null && !Array.isArray(v)) throw badRequest(`\`${name}\` must be an array`, name);
+  }
+}
+
+/**
+ * Responses fields whose caller depends on what a Dify app cannot do: a 400 naming the field.
+ * Everything else (tools of any type, `include`, `reasoning`, sampling settings) is accepted.
+ */
+function refuseResponsesUnsupported(body: Record<string, unknown>): void {
+  if (body.background === true) {
+    throw unsupported("background", "answers are streamed or returned directly (leave out background or send false)");
+  }
+  if (body.n !== undefined && body.n !== null && body.n !== 1) {
+    throw unsupported("n", "a Dify app gives one answer per request");
+  }
+  if (body.conversation !== undefined && body.conversation !== null) {
+    throw unsupported("conversation", "use previous_response_id, or resend the history");
+  }
+  if (body.prompt !== undefined && body.prompt !== null) {
+    throw unsupported("prompt", "OpenAI's stored prompt templates do not exist here; the Dify app holds the prompt");
+  }
+  const choice = body.tool_choice;
+  if (choice === "required" || (isObject(choice) && choice.type !== "auto" && choice.type !== "none")) {
+    throw unsupported("tool_choice", "a Dify app answers in text and never calls the client's tools");
+  }
+  const format = isObject(body.text) && isObject(body.text.format) ? body.text.format : undefined;
+  if (format?.type === "json_schema") {
+    throw unsupported(
+      "text.format",
+      "a Dify app's answer cannot be held to a JSON schema; ask for JSON in the prompt or in the app",
+    );
+  }
+}
+
+/** One Responses input item as a message, or null for an item that adds nothing to the chat. */
+function inputItem(item: unknown, param: string, maxParts: number): Message | null {
+  if (!isObject(item)) throw badRequest("each input item must be an object", param);
+  const type = item.type ?? "message";
+  switch (type) {
+    case "message": {
+      const role = typeof item.role === "string" && Object.hasOwn(ROLES, item.role) ? ROLES[item.role] : undefined;
+      if (!role || role === "tool") throw badRequest(`unknown role ${preview(item.role)}`, `${param}.role`);
+      const { text, files } = parseContent(item.content, `${param}.content`, maxParts);
+      if (role === "user" && !files.length && ENVIRONMENT_CONTEXT.test(text)) return null;
+      return { role, text, files };
+    }
+    // Tool calls and their results are kept as text, so replayed history says what the tools did.
+    case "function_call":
+      return { role: "assistant", text: toolCallsText([{ function: item }]), files: [] };
+    case "custom_tool_call":
+      return {
+        role: "assistant",
+        text: toolCallsText([{ function: { name: item.name, arguments: item.input } }]),
+        files: [],
+      };
+    case "function_call_output":
+    case "custom_tool_call_output": {
+      const output = item.output;
+      const text = Array.isArray(output)
+        ? parseContent(output, `${param}.output`, maxParts).text
+        : valueText(output ?? "");
+      return { role: "tool", text, files: [] };
+    }
+    case "item_reference":
+      throw unsupported(`${param}.type`, "item references need OpenAI's item store; send the item itself");
+    default:
+      // Reasoning the bridge emitted, and calls of OpenAI's hosted tools, are not part of the chat's text.
+      if (typeof type !== "string") throw badRequest("an input item's `type` must be a string", `${param}.type`);
+      return null;
+  }
+}
+
+/**
+ * The input items as chat messages. An assistant answer streamed as several `message` items (split
+ * by reasoning) is one message again, exactly as the bridge recorded it, so history matching holds.
+ */
+function inputMessages(input: unknown[], maxParts: number): Message[] {
+  const messages: Message[] = [];
+  let answer: Message | undefined;
+  input.forEach((item, i) => {
+    const m = inputItem(item, `input[${i}]`, maxParts);
+    if (!m) return;
+    const isAnswer = m.role === "assistant" && isObject(item) && (item.type ?? "message") === "message";
+    if (isAnswer && answer) {
+      answer.text += m.text;
+      answer.files.push(...m.files);
+      return;
+    }
+    answer = isAnswer ? { ...m, files: [...m.files] } : undefined;
+    messages.push(answer ?? m);
+  });
+  return messages;
+}
+
+/** Validates an OpenAI Responses body (`POST /v1/responses`); throws ApiError 400 naming the bad field. */
+export function parseResponsesRequest(
+  body: unknown,
+  headers: Headers,
+  limits: { maxMessages: number; maxParts: number },
+): ResponsesRequest {
+  if (!isObject(body)) throw badRequest("the request body must be a JSON object");
+  const model = body.model;
+  if (typeof model !== "string" || !model.trim()) throw badRequest("`model` must be a non-empty string", "model");
+  checkTypes(body);
+  refuseResponsesUnsupported(body);
+  const input = body.input;
+  let messages: Message[];
+  if (typeof input === "string") messages = [{ role: "user", text: input, files: [] }];
+  else if (Array.isArray(input)) {
+    if (input.length > limits.maxMessages) {
+      throw badRequest(`too many input items (${input.length}; the limit is ${limits.maxMessages})`, "input");
+    }
+    messages = inputMessages(input, limits.maxParts);
+  } else throw badRequest("`input` must be a string or an array of input items", "input");
+  const instructions = optionalString(body, "instructions");
+  if (instructions?.trim()) messages.unshift({ role: "system", text: instructions, files: [] });
+  if (!messages.some((m) => m.role === "user" || m.role === "tool")) {
+    throw badRequest("`input` has no user message", "input");
+  }
+  const previousResponseId = optionalString(body, "previous_response_id") || undefined;
+  const user = optionalString(body, "user") || undefined;
+  const safetyIdentifier = optionalString(body, "safety_identifier") || undefined;
+  const store = body.store !== false;
+  const reasoning = isObject(body.reasoning) ? body.reasoning : {};
+  const text = isObject(body.text) ? body.text : {};
+  return {
+    model,
+    messages,
+    stream: body.stream === true,
+    includeUsage: true,
+    user: safetyIdentifier ?? user,
+    conversationId: optionalString(body, "conversation_id") || headers.get("x-dify-conversation-id") || undefined,
+    sessionId: sessionIdOf(body, headers),
+    inputs: (body.inputs as Record<string, unknown> | undefined) ?? {},
+    previousResponseId,
+    store,
+    echo: {
+      instructions: instructions ?? null,
+      max_output_tokens: (body.max_output_tokens as number | undefined) ?? null,
+      metadata: isObject(body.metadata) ? body.metadata : {},
+      parallel_tool_calls: body.parallel_tool_calls !== false,
+      previous_response_id: previousResponseId ?? null,
+      prompt_cache_key: (body.prompt_cache_key as string | undefined) ?? null,
+      reasoning: { effort: reasoning.effort ?? null, summary: reasoning.summary ?? null },
+      safety_identifier: safetyIdentifier ?? null,
+      store,
+      temperature: (body.temperature as number | undefined) ?? 1,
+      text: { format: { type: "text" }, verbosity: "medium", ...text },
+      tool_choice: body.tool_choice ?? "auto",
+      tools: (body.tools as unknown[] | undefined) ?? [],
+      top_p: (body.top_p as number | undefined) ?? 1,
+      truncation: typeof body.truncation === "string" ? body.truncation : "disabled",
+      user: user ?? null,
+    },
   };
 }
 
@@ -704,6 +1120,9 @@ export interface Binding {
   u: string;
 }
 
+/** A conversation this client may name: the Dify user it belongs to. */
+type Owner = Pick<Binding, "u">;
+
 /** A conversation's latest turn: only a request continuing from it may continue the conversation. */
 interface Head {
   f: string;
@@ -715,6 +1134,7 @@ export const storeKeys = {
   head: (client: string, app: string, conversation: string): StoreKey => ["head", client, app, conversation],
   session: (client: string, app: string, session: string): StoreKey => ["sess", client, app, session],
   user: (client: string, app: string, user: string): StoreKey => ["user", client, app, user],
+  owner: (client: string, app: string, conversation: string): StoreKey => ["own", client, app, conversation],
 };
 
 function sameValue(a: unknown, b: unknown): boolean {
@@ -1134,13 +1554,11 @@ export interface ConversationContext {
   store: ConversationStore;
   /** Conversations a request in this process is continuing right now: a twin request branches. */
   continuing: Set<string>;
-  /** Turns whose fingerprint is still being hashed, after their answer went out: lookups wait for them. */
-  recording: Set<Promise<void>>;
 }
 
 /** The conversation a request continues (or a fresh one), in the order explicit → session → mode. */
 export async function resolveConversation(
-  { config, store, continuing, recording }: ConversationContext,
+  { config, store, continuing }: ConversationContext,
   req: ChatRequest,
   turn: Turn,
   r: Route,
@@ -1151,8 +1569,16 @@ export async function resolveConversation(
   const fresh: Resolution = { via: "new", user: fallbackUser, head: null };
   if (r.type === "workflow" || r.type === "completion") return fresh;
   if (req.conversationId) {
+    // An id a client sends is a claim to check: with client keys, only a conversation this client
+    // started or continued here. Open mode is one scope, and there a client may bring its own Dify key.
     const head = await store.get<Head>(storeKeys.head(client, scope, req.conversationId));
-    return { via: "explicit", conversationId: req.conversationId, user: req.user ?? head?.u ?? fallbackUser, head };
+    const owner = head ?? await store.get<Owner>(storeKeys.owner(client, scope, req.conversationId));
+    if (!owner && config.proxyKeys.length) {
+      throw apiError("conversation_not_found", `conversation ${preview(req.conversationId)} not found`, {
+        param: "conversation_id",
+      });
+    }
+    return { via: "explicit", conversationId: req.conversationId, user: req.user ?? owner?.u ?? fallbackUser, head };
   }
   if (req.sessionId) {
     const b = await store.get<Binding>(storeKeys.session(client, scope, req.sessionId));
@@ -1164,8 +1590,6 @@ export async function resolveConversation(
     return b ? { via: "user", conversationId: b.c, user: b.u, head: null } : fresh;
   }
   if (!turn.history.length) return fresh;
-  // A client may send its next turn the instant [DONE] arrives, before the last turn is hashed.
-  if (recording.size) await Promise.all(recording);
   const fp = fingerprint(turn.system, turn.history);
   const b = await store.get<Binding>(storeKeys.fingerprint(client, scope, fp));
   if (!b || continuing.has(b.c)) return fresh;
@@ -1178,18 +1602,10 @@ export async function resolveConversation(
 }
 
 /**
- * Stores where this chat now stands, without holding the answer: a lookup in this process waits
- * for it (`recording`), and the store's own write-through cache covers the durable write.
+ * Stores where this chat now stands. Readable in this process at once (a client may send its next
+ * turn the instant [DONE] arrives); the durable write follows in the background.
  */
-export function recordTurn(...args: Parameters<typeof storeTurn>): Promise<void> {
-  const { recording } = args[0];
-  // storeTurn cannot fail: the store reports and swallows its own errors.
-  const done: Promise<void> = storeTurn(...args).finally(() => recording.delete(done));
-  recording.add(done);
-  return done;
-}
-
-async function storeTurn(
+export function recordTurn(
   { config, store }: ConversationContext,
   req: ChatRequest,
   turn: Turn,
@@ -1197,7 +1613,7 @@ async function storeTurn(
   client: string,
   res: Resolution,
   t: Translation,
-) {
+): void {
   const conversation = t.conversationId;
   if (!conversation || r.type === "workflow" || r.type === "completion") return;
   const scope = r.app.model;
@@ -1206,7 +1622,10 @@ async function storeTurn(
   if (config.conversationMode === "user" && !req.sessionId && !req.conversationId) {
     store.set(storeKeys.user(client, scope, res.user), binding);
   }
-  if (config.conversationMode !== "history") return;
+  // Whose conversation this is, for an explicit id later (history mode's head says it already).
+  if (config.conversationMode !== "history") {
+    return void store.set(storeKeys.owner(client, scope, conversation), binding);
+  }
   const answer: Message = { role: "assistant", text: t.content, files: [] };
   const fp = fingerprint(turn.system, [...turn.history, ...turn.current, answer]);
   const headKey = storeKeys.head(client, scope, conversation);
@@ -1226,6 +1645,11 @@ async function storeTurn(
     [[headKey, head], [fpKey, binding]],
     [headKey],
   );
+}
+
+/** The turn is over (answered, failed or abandoned): another request may continue its conversation. */
+export function releaseConversation({ continuing }: ConversationContext, res: Resolution): void {
+  if (res.via === "history" && res.conversationId) continuing.delete(res.conversationId);
 }
 
 // ─── Dify client ────────────────────────────────────────────────────────────────────────────────
@@ -1285,7 +1709,16 @@ export function difyRequestBody(
     user: args.user,
     conversation_id: args.conversationId ?? "",
     ...files,
+    // Sent only when off: Dify's default is on, and older builds never knew the field.
+    ...(app.autoGenerateName === false ? { auto_generate_name: false } : {}),
+    ...(type === "chatflow" && app.workflowId ? { workflow_id: app.workflowId } : {}),
   };
+}
+
+/** The run endpoint for this route: a workflow app pins its version in the path, a chatflow in the body. */
+export function runPath(r: { type: AppType; app: AppConfig }): string {
+  if (r.type === "workflow" && r.app.workflowId) return `/workflows/${r.app.workflowId}/run`;
+  return difyPaths[r.type].run;
 }
 
 /**
@@ -1319,7 +1752,12 @@ export function difyError(status: number, body: unknown, app: AppConfig, clientK
 }
 
 /** What a non-SSE Dify response says, as an error: JSON envelope, HTML page, or other. */
-async function unexpectedResponse(res: Response, app: AppConfig, clientKey: boolean): Promise<ApiError> {
+async function unexpectedResponse(
+  res: Response,
+  app: AppConfig,
+  clientKey: boolean,
+  expected = "an event stream",
+): Promise<ApiError> {
   const type = res.headers.get("content-type") ?? "";
   const text = await res.text().catch(() => "");
   let body: unknown;
@@ -1332,7 +1770,7 @@ async function unexpectedResponse(res: Response, app: AppConfig, clientKey: bool
   if (res.ok) {
     return apiError(
       "bad_upstream_response",
-      `Dify (model ${app.model}) answered ${type || "an unknown type"} where an event stream was expected`,
+      `Dify (model ${app.model}) answered ${type || "an unknown type"} where ${expected} was expected`,
     );
   }
   const what = /html/i.test(type) || /^\s*</.test(text) ? "an HTML error page (a proxy in front of Dify?)" : "an error";
@@ -1365,19 +1803,25 @@ interface Route {
   type: AppType;
 }
 
-async function upload(
+/**
+ * POSTs one file (and the `user` it belongs to) to a Dify multipart endpoint; answers the JSON body
+ * when it has `field` as a string, else throws the error Dify's answer means.
+ */
+async function postFile(
   fetch: typeof globalThis.fetch,
   r: Route,
+  path: string,
   user: string,
-  file: Extract<InputFile, { kind: "upload" }>,
+  file: { bytes: Uint8Array; filename: string; mime: string },
+  field: string,
   signal: AbortSignal,
-) {
+): Promise<string> {
   const form = new FormData();
   form.append("file", new Blob([file.bytes as BlobPart], { type: file.mime }), file.filename);
   form.append("user", user);
   let res: Response;
   try {
-    res = await fetch(`${r.app.url}/files/upload`, {
+    res = await fetch(`${r.app.url}${path}`, {
       method: "POST",
       headers: { authorization: `Bearer ${r.key}` },
       body: form,
@@ -1387,12 +1831,22 @@ async function upload(
     throw connectionError(e, r.app, signal);
   }
   const body = await res.json().catch(() => null);
-  if (!res.ok || !isObject(body) || typeof body.id !== "string") {
+  if (!res.ok || !isObject(body) || typeof body[field] !== "string") {
     // Here 415 is Dify refusing this file's type: the client's to fix (a 4xx), not a gateway fault.
     const status = res.status === 415 ? 400 : res.ok ? 502 : res.status;
     throw difyError(status, body, r.app, r.clientKey);
   }
-  return body.id;
+  return body[field] as string;
+}
+
+function upload(
+  fetch: typeof globalThis.fetch,
+  r: Route,
+  user: string,
+  file: Extract<InputFile, { kind: "upload" }>,
+  signal: AbortSignal,
+): Promise<string> {
+  return postFile(fetch, r, "/files/upload", user, file, "id", signal);
 }
 
 /** Client attachments as Dify file references, uploading inline data first (same `user` as the chat call). */
@@ -1424,7 +1878,7 @@ export async function callDify(
   ex.headersReceived = false;
   let res: Response;
   try {
-    res = await fetch(`${r.app.url}${difyPaths[r.type].run}`, {
+    res = await fetch(`${r.app.url}${runPath(r)}`, {
       method: "POST",
       headers: { authorization: `Bearer ${r.key}`, "content-type": "application/json", accept: "text/event-stream" },
       body: JSON.stringify(body),
@@ -1434,7 +1888,7 @@ export async function callDify(
     throw connectionError(e, r.app, ex.upstream.signal);
   }
   ex.headersReceived = true;
-  ex.lastUpstream = ex.now();
+  ex.lastEvent = ex.now();
   if (res.ok && res.body && /event-stream/i.test(res.headers.get("content-type") ?? "")) return res;
   throw await unexpectedResponse(res, r.app, r.clientKey);
 }
@@ -1447,6 +1901,179 @@ export function stopTask(fetch: typeof globalThis.fetch, r: Route, taskId: strin
     body: JSON.stringify({ user }),
     signal: AbortSignal.timeout(10_000),
   }).then((res) => res.body?.cancel(), () => {});
+}
+
+/** What the bridge needs from an app's `GET /parameters`: the inputs it requires and its speech switches. */
+export interface AppParameters {
+  /** Input variables Dify rejects a run without (missing, null or ""), with their labels. */
+  required: { variable: string; label: string }[];
+  speechToText: boolean;
+  textToSpeech: boolean;
+}
+
+/** Reads Dify's `/parameters` body: `user_input_form` is a list of one-key `{"<control>": {variable, required, …}}`. */
+export function appParameters(body: unknown): AppParameters {
+  const b = isObject(body) ? body : {};
+  const required: AppParameters["required"] = [];
+  for (const item of Array.isArray(b.user_input_form) ? b.user_input_form : []) {
+    for (const spec of isObject(item) ? Object.values(item) : []) {
+      if (!isObject(spec) || spec.required !== true || typeof spec.variable !== "string" || !spec.variable) continue;
+      required.push({ variable: spec.variable, label: typeof spec.label === "string" ? spec.label : spec.variable });
+    }
+  }
+  const on = (feature: unknown) => isObject(feature) && feature.enabled === true;
+  return { required, speechToText: on(b.speech_to_text), textToSpeech: on(b.text_to_speech) };
+}
+
+/** The 400 for a run without an input the app requires (naming every one missing), or undefined. */
+export function missingInputs(
+  params: AppParameters | undefined,
+  inputs: Record<string, unknown>,
+  model: string,
+): ApiError | undefined {
+  const missing = (params?.required ?? []).filter(({ variable }) => {
+    const v = Object.hasOwn(inputs, variable) ? inputs[variable] : undefined;
+    return v === undefined || v === null || v === "";
+  });
+  if (!missing.length) return undefined;
+  const names = missing.map((m) => m.label === m.variable ? `"${m.variable}"` : `"${m.variable}" (${m.label})`);
+  return apiError(
+    "missing_input",
+    `the Dify app behind model ${model} requires the input variable${missing.length > 1 ? "s" : ""} ${
+      names.join(", ")
+    }: send ${missing.length > 1 ? "them" : "it"} in \`inputs\``,
+    { param: `inputs.${missing[0].variable}` },
+  );
+}
+
+/**
+ * Each app's `/parameters`, asked once per app and key and kept a few minutes: republishing an app
+ * can change its form. A failed read is not kept, and means "unknown" (Dify still checks the run).
+ */
+export class ParametersCache {
+  private known = new Map<string, { at: number; value: Promise<AppParameters | undefined> }>();
+
+  constructor(
+    private fetch: typeof globalThis.fetch,
+    private now: () => number,
+    private ttlMs = 300_000,
+  ) {}
+
+  get(r: Route): Promise<AppParameters | undefined> {
+    const id = `${r.app.url}\u0000${r.key}`;
+    const hit = this.known.get(id);
+    if (hit && this.now() - hit.at < this.ttlMs) return hit.value;
+    // Pass-through keys are the client's: the map stays bounded whatever keys arrive.
+    if (this.known.size >= 1000) this.known.clear();
+    const entry = { at: this.now(), value: this.ask(r) };
+    entry.value.then((p) => {
+      if (!p && this.known.get(id) === entry) this.known.delete(id);
+    });
+    this.known.set(id, entry);
+    return entry.value;
+  }
+
+  private async ask(r: Route): Promise<AppParameters | undefined> {
+    try {
+      const res = await this.fetch(`${r.app.url}/parameters`, {
+        headers: { authorization: `Bearer ${r.key}` },
+        signal: AbortSignal.timeout(10_000),
+      });
+      if (res.ok && /json/i.test(res.headers.get("content-type") ?? "")) return appParameters(await res.json());
+      await res.body?.cancel();
+    } catch { /* unknown: Dify still validates the run */ }
+    return undefined;
+  }
+}
+
+/** An audio file a client sent for transcription. */
+export interface AudioFile {
+  bytes: Uint8Array;
+  filename: string;
+  mime: string;
+}
+
+const DIFY_AUDIO_TYPES: [RegExp, string][] = [
+  [/^audio\/(mpeg|mp3|mpeg3|x-mpeg-3|x-mp3)$|\.mp3$/i, "audio/mp3"],
+  [/^audio\/(m4a|x-m4a)$|\.m4a$/i, "audio/m4a"],
+  [/^audio\/(wav|x-wav|wave|vnd\.wave)$|\.wav$/i, "audio/wav"],
+  [/^audio\/amr$|\.amr$/i, "audio/amr"],
+  [/^audio\/mpga$|\.mpga$/i, "audio/mpga"],
+];
+
+/**
+ * The part type Dify's speech-to-text accepts for this file. Dify checks the part's type, not its name,
+ * and takes only audio/mp3, m4a, wav, amr and mpga (not the usual audio/mpeg); anything else goes as sent.
+ */
+export function difyAudioType(filename: string, mime: string): string {
+  const type = mime.split(";")[0].trim().toLowerCase();
+  for (const [pattern, difyType] of DIFY_AUDIO_TYPES) if (pattern.test(type)) return difyType;
+  if (type && type !== "application/octet-stream") return type;
+  for (const [pattern, difyType] of DIFY_AUDIO_TYPES) if (pattern.test(filename)) return difyType;
+  return type || "application/octet-stream";
+}
+
+/** Dify's speech-to-text (`POST /audio-to-text`) for one audio file: the text it heard. */
+export function transcribe(
+  fetch: typeof globalThis.fetch,
+  r: Route,
+  user: string,
+  file: AudioFile,
+  signal: AbortSignal,
+): Promise<string> {
+  const part = { ...file, mime: difyAudioType(file.filename, file.mime) };
+  return postFile(fetch, r, "/audio-to-text", user, part, "text", signal);
+}
+
+/** Dify's text-to-speech (`POST /text-to-audio`): its audio response, to be streamed on as it arrives. */
+export async function speak(
+  fetch: typeof globalThis.fetch,
+  r: Route,
+  args: { text: string; voice?: string; user: string },
+  signal: AbortSignal,
+): Promise<Response> {
+  let res: Response;
+  try {
+    res = await fetch(`${r.app.url}/text-to-audio`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${r.key}`, "content-type": "application/json" },
+      body: JSON.stringify({ text: args.text, user: args.user, ...(args.voice ? { voice: args.voice } : {}) }),
+      signal,
+    });
+  } catch (e) {
+    throw connectionError(e, r.app, signal);
+  }
+  const type = res.headers.get("content-type") ?? "";
+  if (res.ok && res.body && !/json|^text\/|html/i.test(type)) return res;
+  throw await unexpectedResponse(res, r.app, r.clientKey, "audio");
+}
+
+/**
+ * Deletes a conversation at Dify, under the `user` Dify holds it for: true once it is gone, false if
+ * Dify did not have it (deleted before, or never there). Newer Dify answers 204, older 200.
+ */
+export async function deleteDifyConversation(
+  fetch: typeof globalThis.fetch,
+  r: Route,
+  conversationId: string,
+  user: string,
+  signal: AbortSignal,
+): Promise<boolean> {
+  let res: Response;
+  try {
+    res = await fetch(`${r.app.url}/conversations/${encodeURIComponent(conversationId)}`, {
+      method: "DELETE",
+      headers: { authorization: `Bearer ${r.key}`, "content-type": "application/json" },
+      body: JSON.stringify({ user }),
+      signal,
+    });
+  } catch (e) {
+    throw connectionError(e, r.app, signal);
+  }
+  const body = await res.json().catch(() => null);
+  if (res.ok) return true;
+  if (res.status === 404) return false;
+  throw difyError(res.status, body, r.app, r.clientKey);
 }
 
 // ─── Event translation ──────────────────────────────────────────────────────────────────────────
@@ -1473,6 +2100,8 @@ export interface Translation {
   /** Exactly the content the client has been sent (or will get, when aggregated). */
   content: string;
   reasoning: string;
+  /** UTF-8 bytes of content and reasoning so far, against MAX_ANSWER_BYTES. */
+  bytes: number;
   usage?: Usage;
   conversationId?: string;
   taskId?: string;
@@ -1485,10 +2114,24 @@ export interface Translation {
   workflowTokens?: number;
   /** The `agent_message` text alone: content also holds file links and `<think>` blocks. */
   agentText?: string;
+  /** The LLM node whose `reasoning_chunk`s came last: another node's reasoning starts a new paragraph. */
+  reasoningNode?: string;
+  /** The human-input forms Dify announced (`human_input_required`), for the paused workflow's answer. */
+  forms?: HumanForm[];
+  /** The workflow paused for human input: the answer ended there, cleanly (the request log says so). */
+  paused?: { nodes: string[]; run?: string };
+}
+
+/** A form a paused workflow waits on: where it is and what it asks. */
+export interface HumanForm {
+  node: string;
+  title: string;
+  content: string;
+  actions: string[];
 }
 
 export function newTranslation(type: AppType, stream: boolean): Translation {
-  return { type, stream, content: "", reasoning: "", ended: false, thoughts: new Map(), thinkOpen: false };
+  return { type, stream, content: "", reasoning: "", bytes: 0, ended: false, thoughts: new Map(), thinkOpen: false };
 }
 
 export interface TranslateOptions {
@@ -1497,6 +2140,17 @@ export interface TranslateOptions {
   origin: string;
   app: AppConfig;
   clientKey: boolean;
+}
+
+/** UTF-8 length of a text, without encoding it. */
+function utf8Length(text: string): number {
+  let n = text.length;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    // Two bytes below U+0800, three above; a surrogate pair (two units) is four.
+    if (c >= 0x80) n += c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2;
+  }
+  return n;
 }
 
 /** Ends an open inline `<think>` block (REASONING=think) before anything else is said. */
@@ -1511,12 +2165,14 @@ function emitContent(t: Translation, sink: Sink, text: string): void {
   if (!text) return;
   closeThink(t, sink);
   t.content += text;
+  t.bytes += utf8Length(text);
   sink.content(text);
 }
 
 function emitReasoning(t: Translation, sink: Sink, text: string, mode: Config["reasoning"]): void {
   if (!text || mode === "off") return;
   t.reasoning += text;
+  t.bytes += utf8Length(text);
   if (mode === "reasoning_content") return sink.reasoning(text);
   if (!t.thinkOpen) {
     t.thinkOpen = true;
@@ -1566,6 +2222,29 @@ function usageOf(raw: unknown): Usage | undefined {
   };
 }
 
+/** A `human_input_required` event's form (or a `workflow_paused` reason, whose keys vary between builds). */
+function humanForm(d: Record<string, unknown>): HumanForm {
+  const text = (v: unknown) => typeof v === "string" ? v.trim() : "";
+  const actions = Array.isArray(d.actions) ? d.actions : [];
+  return {
+    node: text(d.node_id),
+    title: text(d.node_title),
+    content: text(d.form_content),
+    actions: actions.map((a) => isObject(a) ? text(a.title) || text(a.id) : "").filter(Boolean),
+  };
+}
+
+/** The answer's closing words when a workflow pauses for a person: what it waits for, and where. */
+export function pausedText(forms: HumanForm[]): string {
+  const asks = forms.map((f) => {
+    const where = f.title ? `"${f.title}"` : f.node ? `node ${f.node}` : "a form";
+    const actions = f.actions.length ? ` (${f.actions.join(" / ")})` : "";
+    return `${where}${f.content ? `: ${f.content}` : ""}${actions}`;
+  });
+  const what = asks.length ? ` at ${asks.join("; ")}` : "";
+  return `⏸ This app is waiting for human input${what}. It continues once that is answered in Dify.`;
+}
+
 /** Applies one parsed Dify event to the translation, sending deltas to the sink. */
 export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink: Sink, o: TranslateOptions): void {
   if (t.taskId === undefined && typeof ev.task_id === "string") t.taskId = ev.task_id;
@@ -1600,6 +2279,7 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
       if (!t.stream) {
         // The replacement is the whole answer, including any <think> block it replaced.
         t.content = answer;
+        t.bytes += utf8Length(answer);
         t.thinkOpen = false;
         return;
       }
@@ -1644,6 +2324,41 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
       } else if (t.type === "chatflow") t.ended = true;
       return;
     }
+    case "reasoning_chunk": {
+      // Chatflow and workflow LLM nodes with separated reasoning: deltas per node, then one is_final.
+      const d = isObject(ev.data) ? ev.data : {};
+      const node = typeof d.node_id === "string" ? d.node_id : "";
+      if (typeof d.reasoning === "string" && d.reasoning) {
+        const sep = node !== t.reasoningNode && t.reasoning && !t.reasoning.endsWith("\n") ? "\n\n" : "";
+        t.reasoningNode = node;
+        emitReasoning(t, sink, sep + d.reasoning, o.reasoning);
+      }
+      // The node's thinking is over: an inline <think> block ends now, not with the first answer delta.
+      if (d.is_final === true) closeThink(t, sink);
+      return;
+    }
+    case "human_input_required": {
+      if (isObject(ev.data)) (t.forms ??= []).push(humanForm(ev.data));
+      return;
+    }
+    case "workflow_paused": {
+      // Dify ends the stream here (no message_end): a complete answer that says what it waits for.
+      const d = isObject(ev.data) ? ev.data : {};
+      const nodes = Array.isArray(d.paused_nodes) ? d.paused_nodes.map(String) : [];
+      const reasons = Array.isArray(d.reasons) ? d.reasons.filter(isObject).map(humanForm) : [];
+      const forms = t.forms?.length
+        ? t.forms
+        : reasons.length
+        ? reasons
+        : nodes.map((node) => humanForm({ node_id: node }));
+      const run = typeof d.workflow_run_id === "string" ? d.workflow_run_id : undefined;
+      t.paused = { nodes: nodes.length ? nodes : forms.map((f) => f.node), run };
+      closeThink(t, sink);
+      const gap = t.content && !t.content.endsWith("\n") ? "\n\n" : "";
+      emitContent(t, sink, gap + pausedText(forms));
+      t.ended = true;
+      return;
+    }
     case "message_end": {
       const meta = isObject(ev.metadata) ? ev.metadata : {};
       t.usage = usageOf(meta.usage) ?? t.usage;
@@ -1658,7 +2373,8 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
     case "ping":
       return sink.ping();
   }
-  // Every other event (workflow_started, tts_*, iteration_*, …) carries nothing for the answer.
+  // Every other event (workflow_started, tts_*, iteration_*, …) carries nothing for the answer;
+  // human_input_form_filled and _timeout come only on a resumed stream, which the bridge never opens.
 }
 
 /** Closes an open `<think>` block and settles the final usage. */
@@ -1691,7 +2407,10 @@ export class LineSplitter {
   #carryBytes = 0;
   #skipLf = false;
 
-  constructor(private onLine: (bytes: Uint8Array, start: number, end: number) => void) {}
+  constructor(
+    private onLine: (bytes: Uint8Array, start: number, end: number) => void,
+    private maxLineBytes = MAX_LINE_BYTES,
+  ) {}
 
   push(chunk: Uint8Array): void {
     let start = 0;
@@ -1719,7 +2438,7 @@ export class LineSplitter {
 
   #keep(rest: Uint8Array): void {
     this.#carryBytes += rest.length;
-    if (this.#carryBytes > MAX_LINE_BYTES) throw new Error(`an event line is over ${MAX_LINE_BYTES} bytes`);
+    if (this.#carryBytes > this.maxLineBytes) throw new Error(`an event line is over ${this.maxLineBytes} bytes`);
     (this.#carry ??= []).push(rest.slice());
   }
 
@@ -1768,7 +2487,7 @@ export function parseSseLine(bytes: Uint8Array, start: number, end: number): Rec
   return null;
 }
 
-// ─── Exchanges: one Dify call, watched for silence ──────────────────────────────────────────────
+// ─── Exchanges: one Dify call, watched ──────────────────────────────────────────────────────────
 // One timer serves every open exchange: a per-event timer reset would cost more than the events.
 
 /** Reads a body chunk by chunk; `null` at the end. The chunk may be overwritten by the next read. */
@@ -1781,27 +2500,74 @@ const CLIENT_GONE = apiError("client_closed", "client closed the request");
 /** How long a call whose client has left may wait for Dify to name the task to stop. */
 const GONE_GRACE_MS = 5000;
 
+/** The limits one exchange is watched against (from the configuration). */
+export type ExchangeLimits = Pick<
+  Config,
+  "keepaliveMs" | "upstreamTimeoutMs" | "upstreamIdleMs" | "bodyTimeoutMs" | "answerTimeoutMs"
+>;
+
 /** One request's call to Dify: its abort switch, its clocks, and what the watchdog checks. */
 export class Exchange {
   readonly upstream = new AbortController();
   readonly started: number;
-  /** Last byte from Dify (or the start, while waiting for headers). */
-  lastUpstream: number;
-  /** Last byte to the client; -1 while no stream is open to it. */
+  /** Last Dify event (or the start, while waiting for headers): pings and stray bytes do not count. */
+  lastEvent: number;
+  /** Last bytes handed to the client; -1 while no stream is open to it. */
   lastWrite = -1;
   headersReceived = false;
+  /** Since when output has waited for a client that does not read (Dify is not read meanwhile). */
+  stalledSince?: number;
   /** When the client left; the call ends as soon as Dify names the task to stop. */
   goneAt?: number;
   keepalive?: () => void;
-  onTimeout?: () => void;
 
   constructor(readonly now: () => number) {
     this.started = now();
-    this.lastUpstream = this.started;
+    this.lastEvent = this.started;
   }
 
   abort(reason: ApiError): void {
     if (!this.upstream.signal.aborted) this.upstream.abort(reason);
+  }
+
+  /** The client left: Dify keeps generating (and billing) until its task is stopped, so read on until it is named. */
+  leave(taskId: string | undefined): void {
+    if (this.upstream.signal.aborted || this.goneAt !== undefined) return;
+    this.goneAt = this.now();
+    if (taskId) this.abort(CLIENT_GONE);
+  }
+
+  /** Why the watchdog must end this exchange now, if it must. */
+  overdue(now: number, limits: ExchangeLimits): ApiError | undefined {
+    const { upstreamTimeoutMs, upstreamIdleMs, answerTimeoutMs } = limits;
+    if (answerTimeoutMs && now - this.started > answerTimeoutMs) {
+      return apiError(
+        "answer_timeout",
+        `the answer took longer than ${answerTimeoutMs / 1000} s (ANSWER_TIMEOUT_SECONDS)`,
+      );
+    }
+    if (this.goneAt !== undefined && now - this.goneAt > GONE_GRACE_MS) return CLIENT_GONE;
+    if (!this.headersReceived) {
+      if (upstreamTimeoutMs && now - this.started > upstreamTimeoutMs) {
+        return apiError(
+          "upstream_timeout",
+          `Dify sent nothing within ${upstreamTimeoutMs / 1000} s (UPSTREAM_TIMEOUT_SECONDS)`,
+        );
+      }
+    } else if (this.stalledSince !== undefined) {
+      if (upstreamIdleMs && now - this.stalledSince > upstreamIdleMs) {
+        return apiError(
+          "client_stalled",
+          `the client read nothing for ${upstreamIdleMs / 1000} s (UPSTREAM_IDLE_SECONDS)`,
+        );
+      }
+    } else if (upstreamIdleMs && now - this.lastEvent > upstreamIdleMs) {
+      return apiError(
+        "upstream_idle_timeout",
+        `Dify sent no event for ${upstreamIdleMs / 1000} s mid-answer (UPSTREAM_IDLE_SECONDS)`,
+      );
+    }
+    return undefined;
   }
 }
 
@@ -1817,15 +2583,12 @@ export class Watchdog {
   private timer: ReturnType<typeof setInterval> | undefined;
   private tickMs: number;
 
-  constructor(
-    private cfg: Pick<Config, "keepaliveMs" | "upstreamTimeoutMs" | "upstreamIdleMs" | "bodyTimeoutMs">,
-    private now: () => number,
-  ) {
+  constructor(private limits: ExchangeLimits, private now: () => number) {
     const shortest = Math.min(
-      cfg.keepaliveMs || Infinity,
-      cfg.upstreamTimeoutMs || Infinity,
-      cfg.upstreamIdleMs || Infinity,
-      cfg.bodyTimeoutMs || Infinity,
+      limits.keepaliveMs || Infinity,
+      limits.upstreamTimeoutMs || Infinity,
+      limits.upstreamIdleMs || Infinity,
+      limits.bodyTimeoutMs || Infinity,
     );
     this.tickMs = Math.max(10, Math.min(1000, Number.isFinite(shortest) ? shortest / 4 : 1000));
   }
@@ -1872,94 +2635,154 @@ export class Watchdog {
       this.deadlines.delete(d);
       d.expire();
     }
-    const { keepaliveMs, upstreamTimeoutMs, upstreamIdleMs } = this.cfg;
+    const { keepaliveMs } = this.limits;
     for (const ex of this.open) {
-      if (!ex.headersReceived) {
-        if (upstreamTimeoutMs && now - ex.started > upstreamTimeoutMs) {
-          ex.abort(
-            apiError(
-              "upstream_timeout",
-              `Dify sent nothing within ${upstreamTimeoutMs / 1000} s (UPSTREAM_TIMEOUT_SECONDS)`,
-            ),
-          );
-        }
-      } else if (upstreamIdleMs && now - ex.lastUpstream > upstreamIdleMs) {
-        ex.abort(
-          apiError(
-            "upstream_idle_timeout",
-            `Dify went silent for ${upstreamIdleMs / 1000} s mid-answer (UPSTREAM_IDLE_SECONDS)`,
-          ),
-        );
-      }
-      if (ex.goneAt !== undefined && now - ex.goneAt > GONE_GRACE_MS) ex.abort(CLIENT_GONE);
+      const overdue = ex.overdue(now, this.limits);
+      if (overdue) ex.abort(overdue);
       if (keepaliveMs && ex.keepalive && now - Math.max(ex.lastWrite, ex.started) >= keepaliveMs) ex.keepalive();
     }
   }
 }
 
 /**
- * Reads Dify's event stream to its end into the translation. `afterRead` runs once per upstream
- * read, so a stream sends one output chunk per read of Dify's body, not one per event.
+ * Dify's event stream for one answer, read one chunk at a time into its translation. Whoever
+ * needs output drives it: the hold before a stream commits, the client's reads after, or a loop
+ * to the end for `stream: false`.
  */
-export async function pump(
+export class DifyEvents {
+  #lines: LineSplitter;
+  #sawEvent = false;
+  #over = false;
+  /** Why the answer ended early, once `next` has returned false (undefined: it completed). */
+  outcome?: ApiError;
+
+  constructor(
+    private reader: ChunkReader,
+    readonly t: Translation,
+    sink: Sink,
+    o: TranslateOptions,
+    private ex: Exchange,
+    private maxAnswerBytes = Infinity,
+  ) {
+    // One event can be as large as the answer (workflow outputs), escaped: up to 6 bytes per character.
+    const maxLine = Math.min(MAX_LINE_BYTES, 6 * maxAnswerBytes + 65_536);
+    this.#lines = new LineSplitter((bytes, start, end) => {
+      const ev = parseSseLine(bytes, start, end);
+      if (ev === "ping") sink.ping();
+      else if (ev) {
+        this.#sawEvent = true;
+        applyDifyEvent(t, ev, sink, o);
+      }
+    }, maxLine);
+  }
+
+  /** Reads and translates one chunk; false once the answer is over, complete or not (see `outcome`). */
+  async next(): Promise<boolean> {
+    if (this.#over) return false;
+    const { t, ex } = this;
+    try {
+      const chunk = await this.reader.read();
+      if (!chunk) {
+        this.#lines.flush();
+        return this.#end();
+      }
+      this.#sawEvent = false;
+      this.#lines.push(chunk);
+      if (this.#sawEvent) ex.lastEvent = ex.now();
+      if (t.bytes > this.maxAnswerBytes) {
+        ex.abort(apiError("answer_too_large", `the answer is over ${this.maxAnswerBytes} bytes (MAX_ANSWER_BYTES)`));
+      } else if (ex.goneAt !== undefined && t.taskId) ex.abort(CLIENT_GONE);
+      if (t.error || ex.upstream.signal.aborted) return this.#end();
+      return true;
+    } catch (e) {
+      const reason = ex.upstream.signal.reason;
+      this.outcome = reason instanceof ApiError ? reason : t.error ??
+        apiError("upstream_broken", `the connection to Dify broke mid-answer: ${(e as Error)?.message ?? e}`);
+      this.#over = true;
+      return false;
+    }
+  }
+
+  /** Reads to the end of the answer; the error it ended with, if any. */
+  async drain(): Promise<ApiError | undefined> {
+    while (await this.next());
+    return this.outcome;
+  }
+
+  #end(): false {
+    this.#over = true;
+    const { t, ex } = this;
+    const reason = ex.upstream.signal.reason;
+    if (reason instanceof ApiError) this.outcome = reason;
+    else if (t.error) this.outcome = t.error;
+    else if (!t.ended) {
+      this.outcome = apiError(
+        "incomplete_stream",
+        `Dify's stream ended before the answer was complete (${t.content.length} characters received, no message_end)`,
+      );
+    }
+    return false;
+  }
+}
+
+/** Reads Dify's event stream to its end into the translation; the error it ended with, if any. */
+export function pump(
   reader: ChunkReader,
   t: Translation,
   sink: Sink,
   o: TranslateOptions,
   ex: Exchange,
-  afterRead: () => void,
+  maxAnswerBytes?: number,
 ): Promise<ApiError | undefined> {
-  const lines = new LineSplitter((bytes, start, end) => {
-    const ev = parseSseLine(bytes, start, end);
-    if (ev === "ping") sink.ping();
-    else if (ev) applyDifyEvent(t, ev, sink, o);
-  });
-  try {
-    for (;;) {
-      const chunk = await reader.read();
-      if (!chunk) break;
-      ex.lastUpstream = ex.now();
-      lines.push(chunk);
-      if (ex.goneAt !== undefined && t.taskId) ex.abort(CLIENT_GONE);
-      afterRead();
-      if (t.error) break;
-    }
-    lines.flush();
-  } catch (e) {
-    const reason = ex.upstream.signal.reason;
-    if (reason instanceof ApiError) return reason;
-    return t.error ??
-      apiError("upstream_broken", `the connection to Dify broke mid-answer: ${(e as Error)?.message ?? e}`);
-  }
-  if (ex.upstream.signal.reason instanceof ApiError) return ex.upstream.signal.reason;
-  if (t.error) return t.error;
-  if (!t.ended) {
-    return apiError(
-      "incomplete_stream",
-      `Dify's stream ended before the answer was complete (${t.content.length} characters received, no message_end)`,
-    );
-  }
-  return undefined;
+  return new DifyEvents(reader, t, sink, o, ex, maxAnswerBytes).drain();
 }
 
-// ─── OpenAI output ──────────────────────────────────────────────────────────────────────────────
+// ─── Output formats ─────────────────────────────────────────────────────────────────────────────
+// One translated answer, written the way the client's API wants it. A route picks the format; the
+// streaming core below knows nothing of chunks or events.
 
 const textEncoder = new TextEncoder();
 
-const CHUNK_TAIL = `},"logprobs":null,"finish_reason":null}]}\n\n`;
+/** How one answer is written for the client: the frames of a stream, or one JSON object (`stream: false`). */
+export interface AnswerFormat {
+  /** Frames that open a committed stream (chat: the role chunk). */
+  open(): string;
+  content(text: string): string;
+  reasoning(text: string): string;
+  /** Frames that end a complete answer (chat: the finish chunk, usage when asked, `[DONE]`). */
+  close(t: Translation): string;
+  /** The frames for an error once the stream is committed; before that, errors are HTTP statuses. */
+  error(e: ApiError): string;
+  /** The whole answer as one JSON body. */
+  object(t: Translation): unknown;
+}
 
-/** Pre-built chunk text for one completion: each delta costs one JSON.stringify and a concat. */
-export class ChunkFormat {
+const CHUNK_TAIL = `},"logprobs":null,"finish_reason":null}]}\n\n`;
+const NO_USAGE: Usage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
+
+export const SSE_DONE = "data: [DONE]\n\n";
+
+export function errorFrame(e: ApiError): string {
+  return `data: ${errorJson(e)}\n\n`;
+}
+
+/** Chat completions: pre-built chunk text, so each delta costs one JSON.stringify and a concat. */
+export class ChatFormat implements AnswerFormat {
   private head: string;
   private envelope: string;
 
-  constructor(id: string, created: number, model: string) {
+  constructor(
+    private id: string,
+    private created: number,
+    private model: string,
+    private options: { includeUsage: boolean; reasoningContent: boolean },
+  ) {
     this.envelope = `{"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${
       JSON.stringify(model)
     },`;
     this.head = `data: ${this.envelope}"choices":[{"index":0,"delta":{`;
   }
-  role(): string {
+  open(): string {
     return this.head + `"role":"assistant","content":""` + CHUNK_TAIL;
   }
   content(text: string): string {
@@ -1968,32 +2791,412 @@ export class ChunkFormat {
   reasoning(text: string): string {
     return this.head + `"reasoning_content":` + JSON.stringify(text) + CHUNK_TAIL;
   }
-  finish(): string {
-    return this.head + `},"logprobs":null,"finish_reason":"stop"}]}\n\n`;
+  close(t: Translation): string {
+    const finish = this.head + `},"logprobs":null,"finish_reason":"stop"}]}\n\n`;
+    if (!this.options.includeUsage) return finish + SSE_DONE;
+    return finish + `data: ${this.envelope}"choices":[],"usage":${JSON.stringify(t.usage ?? NO_USAGE)}}\n\n` + SSE_DONE;
   }
-  usage(usage: Usage): string {
-    return `data: ${this.envelope}"choices":[],"usage":${JSON.stringify(usage)}}\n\n`;
+  error(e: ApiError): string {
+    return errorFrame(e);
+  }
+  /** The aggregated `chat.completion` object. */
+  object(t: Translation) {
+    const message: Record<string, unknown> = { role: "assistant", content: t.content };
+    if (this.options.reasoningContent && t.reasoning) message.reasoning_content = t.reasoning;
+    return {
+      id: this.id,
+      object: "chat.completion",
+      created: this.created,
+      model: this.model,
+      choices: [{ index: 0, message, logprobs: null, finish_reason: "stop" }],
+      usage: t.usage ?? NO_USAGE,
+    };
   }
 }
 
-export const SSE_DONE = "data: [DONE]\n\n";
-
-export function errorFrame(e: ApiError): string {
-  return `data: ${errorJson(e)}\n\n`;
+/** One output item of a Responses answer as it streams: the answer's text, or agent reasoning. */
+interface OutputItem {
+  kind: "message" | "reasoning";
+  id: string;
+  index: number;
+  text: string;
+  /** `"item_id":…,"output_index":…,` — the start of every event about this item. */
+  at: string;
 }
 
-/** The aggregated `chat.completion` object for `stream: false`. */
-export function completionObject(id: string, created: number, model: string, t: Translation, reasoning: boolean) {
-  const message: Record<string, unknown> = { role: "assistant", content: t.content };
-  if (reasoning && t.reasoning) message.reasoning_content = t.reasoning;
+/**
+ * The code of a failed response, as clients read it: Codex resends the request 5 more times after
+ * `server_error` or `rate_limit_exceeded`, so only what a retry may fix (a 5xx, a 429) says so.
+ */
+export function failedCode(e: ApiError): "server_error" | "rate_limit_exceeded" | "invalid_prompt" {
+  if (e.status === 429) return "rate_limit_exceeded";
+  return e.status >= 500 ? "server_error" : "invalid_prompt";
+}
+
+function responseUsage(u: Usage = NO_USAGE) {
   return {
-    id,
-    object: "chat.completion",
-    created,
-    model,
-    choices: [{ index: 0, message, logprobs: null, finish_reason: "stop" }],
-    usage: t.usage ?? { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 },
+    input_tokens: u.prompt_tokens,
+    input_tokens_details: { cached_tokens: 0 },
+    output_tokens: u.completion_tokens,
+    output_tokens_details: { reasoning_tokens: 0 },
+    total_tokens: u.total_tokens,
   };
+}
+
+function outputText(text: string) {
+  return { type: "output_text", annotations: [], logprobs: [], text };
+}
+
+function summaryText(text: string) {
+  return { type: "summary_text", text };
+}
+
+/**
+ * The Responses API (`POST /v1/responses`): `event:` + `data:` frames in the documented order, each
+ * with the next `sequence_number`. Agent reasoning is a `reasoning` item (a summary, which Codex
+ * shows) and the answer a `message` item; when reasoning comes between parts of the answer, the
+ * open item is closed and a new one opened, so no event names an item that is not open.
+ */
+export class ResponsesFormat implements AnswerFormat {
+  private sequence = 0;
+  private items: OutputItem[] = [];
+  private current?: OutputItem;
+  /** The response as last written (`close`, `error`, `object`): what `GET /v1/responses/{id}` returns. */
+  final?: ReturnType<ResponsesFormat["response"]>;
+
+  constructor(
+    private id: string,
+    private created: number,
+    private model: string,
+    private echo: ResponseEcho,
+    /** REASONING=reasoning_content: reasoning is an output item (with `think` it is inline in the text). */
+    private reasoningItems: boolean,
+  ) {}
+
+  open(): string {
+    const response = JSON.stringify(this.response("in_progress", []));
+    return this.frame("response.created", `"response":${response}`) +
+      this.frame("response.in_progress", `"response":${response}`);
+  }
+  content(text: string): string {
+    return this.delta("message", "response.output_text.delta", `"content_index":0`, text) + `,"logprobs":[]}\n\n`;
+  }
+  reasoning(text: string): string {
+    return this.delta("reasoning", "response.reasoning_summary_text.delta", `"summary_index":0`, text) + "}\n\n";
+  }
+  close(t: Translation): string {
+    // An empty answer is still a message, as in the aggregated object.
+    let frames = this.end();
+    if (!this.items.some((i) => i.kind === "message")) frames += this.start("message") + this.end();
+    this.final = this.response("completed", this.items.map((i) => this.item(i, "completed")), t.usage);
+    frames += this.frame("response.completed", `"response":${JSON.stringify(this.final)}`);
+    return frames;
+  }
+  error(e: ApiError): string {
+    const output = this.items.map((i) => this.item(i, i === this.current ? "incomplete" : "completed"));
+    this.final = this.response("failed", output, undefined, { code: failedCode(e), message: e.message });
+    return this.frame("response.failed", `"response":${JSON.stringify(this.final)}`) +
+      this.frame(
+        "error",
+        `"code":${JSON.stringify(e.code)},"message":${JSON.stringify(e.message)},"param":${JSON.stringify(e.param)}`,
+      );
+  }
+  object(t: Translation) {
+    const output: unknown[] = [];
+    const suffix = this.id.slice(this.id.indexOf("_") + 1);
+    if (this.reasoningItems && t.reasoning) {
+      output.push({ id: `rs_${suffix}_0`, type: "reasoning", summary: [summaryText(t.reasoning)] });
+    }
+    output.push({
+      id: `msg_${suffix}_${output.length}`,
+      type: "message",
+      status: "completed",
+      content: [outputText(t.content)],
+      role: "assistant",
+    });
+    this.final = this.response("completed", output, t.usage);
+    return this.final;
+  }
+
+  /** The `response` object with every field the SDKs type, the request's settings echoed. */
+  private response(
+    status: "in_progress" | "completed" | "failed",
+    output: unknown[],
+    usage?: Usage,
+    error: { code: string; message: string } | null = null,
+  ) {
+    return {
+      id: this.id,
+      object: "response" as const,
+      created_at: this.created,
+      status,
+      background: false,
+      completed_at: status === "completed" ? Math.floor(Date.now() / 1000) : null,
+      error,
+      incomplete_details: null,
+      ...this.echo,
+      max_tool_calls: null,
+      model: this.model,
+      output,
+      service_tier: "default",
+      top_logprobs: 0,
+      usage: status === "in_progress" ? null : responseUsage(usage),
+    };
+  }
+
+  private frame(type: string, fields: string): string {
+    return `event: ${type}\ndata: {"type":"${type}","sequence_number":${this.sequence++},${fields}}\n\n`;
+  }
+
+  /** A delta frame without its closing brace: opens the item first if another kind is open. */
+  private delta(kind: OutputItem["kind"], type: string, part: string, text: string): string {
+    const opening = this.current?.kind === kind ? "" : this.end() + this.start(kind);
+    const item = this.current!;
+    item.text += text;
+    return opening +
+      `event: ${type}\ndata: {"type":"${type}","sequence_number":${this.sequence++},${item.at}${part},"delta":${
+        JSON.stringify(text)
+      }`;
+  }
+
+  /** `output_item.added` and the item's first (empty) part. */
+  private start(kind: OutputItem["kind"]): string {
+    const index = this.items.length;
+    const id = `${kind === "message" ? "msg" : "rs"}_${this.id.slice(this.id.indexOf("_") + 1)}_${index}`;
+    const item: OutputItem = { kind, id, index, text: "", at: `"item_id":"${id}","output_index":${index},` };
+    this.items.push(item);
+    this.current = item;
+    const added = this.frame(
+      "response.output_item.added",
+      `"output_index":${index},"item":${JSON.stringify(this.item(item, "in_progress"))}`,
+    );
+    if (kind === "message") {
+      return added +
+        this.frame(
+          "response.content_part.added",
+          `${item.at}"content_index":0,"part":${JSON.stringify(outputText(""))}`,
+        );
+    }
+    return added +
+      this.frame(
+        "response.reasoning_summary_part.added",
+        `${item.at}"summary_index":0,"part":${JSON.stringify(summaryText(""))}`,
+      );
+  }
+
+  /** The `…done` events of the open item, if one is open. */
+  private end(): string {
+    const item = this.current;
+    if (!item) return "";
+    this.current = undefined;
+    const text = JSON.stringify(item.text);
+    const frames = item.kind === "message"
+      ? this.frame("response.output_text.done", `${item.at}"content_index":0,"text":${text},"logprobs":[]`) +
+        this.frame(
+          "response.content_part.done",
+          `${item.at}"content_index":0,"part":${JSON.stringify(outputText(item.text))}`,
+        )
+      : this.frame("response.reasoning_summary_text.done", `${item.at}"summary_index":0,"text":${text}`) +
+        this.frame(
+          "response.reasoning_summary_part.done",
+          `${item.at}"summary_index":0,"part":${JSON.stringify(summaryText(item.text))}`,
+        );
+    return frames +
+      this.frame(
+        "response.output_item.done",
+        `"output_index":${item.index},"item":${JSON.stringify(this.item(item, "completed"))}`,
+      );
+  }
+
+  private item(item: OutputItem, status: "in_progress" | "completed" | "incomplete") {
+    if (item.kind === "reasoning") {
+      return { id: item.id, type: "reasoning", summary: status === "in_progress" ? [] : [summaryText(item.text)] };
+    }
+    const content = status === "in_progress" ? [] : [outputText(item.text)];
+    return { id: item.id, type: "message", status, content, role: "assistant" };
+  }
+}
+
+// ─── Streaming an answer ────────────────────────────────────────────────────────────────────────
+
+/** Output frames not yet written, built by the answer's format from translated deltas. */
+class Frames implements Sink {
+  text: string;
+
+  constructor(private format: AnswerFormat) {
+    this.text = format.open();
+  }
+  content(text: string): void {
+    this.text += this.format.content(text);
+  }
+  reasoning(text: string): void {
+    this.text += this.format.reasoning(text);
+  }
+  ping(): void {
+    this.text += ": ping\n\n";
+  }
+  take(): string {
+    const text = this.text;
+    this.text = "";
+    return text;
+  }
+}
+
+/**
+ * `holding`: nothing sent yet — an early Dify error can still be an HTTP status. `open`: the
+ * response is out and Dify is read as the client reads. `closed`: ended, or the client left.
+ */
+type StreamState = "holding" | "open" | "closed";
+
+/**
+ * The life of one streamed answer. Held until the answer says something, fails, or the keepalive
+ * time passes; then open, pull-driven: Dify is read only when the client has taken what came
+ * before, so a client that stops reading stops the reading of Dify and holds one chunk at most;
+ * then closed by the format's closing frames, an error frame, or the client leaving.
+ */
+export class AnswerStream {
+  #state: StreamState = "holding";
+  #frames: Frames;
+  /** The read of Dify in flight: the hold may end while one is, and the first pull takes it over. */
+  #reading?: Promise<boolean>;
+  #commit!: () => void;
+  #committed = new Promise<boolean>((resolve) => this.#commit = () => resolve(true));
+  #controller?: ReadableStreamDefaultController<Uint8Array>;
+  /** A pull is running: it will see whatever ends the answer. */
+  #pulling = false;
+  #end!: (error: ApiError | undefined) => void;
+  /** Settles once the answer is over and nothing more will be written: the error it ended with, if any. */
+  readonly ended = new Promise<ApiError | undefined>((resolve) => this.#end = resolve);
+
+  constructor(private events: DifyEvents, frames: Frames, private format: AnswerFormat, private ex: Exchange) {
+    this.#frames = frames;
+    ex.keepalive = () => this.#keepalive();
+    ex.upstream.signal.addEventListener("abort", () => this.#aborted(), { once: true });
+  }
+
+  get state(): StreamState {
+    return this.#state;
+  }
+
+  /**
+   * Reads Dify until the answer says something, ends, or the keepalive time passes. Returns the
+   * error to answer with as an HTTP status when the answer failed before saying anything;
+   * otherwise the stream is open and `body` is ready.
+   */
+  async hold(): Promise<ApiError | undefined> {
+    const t = this.events.t;
+    while (this.#state === "holding") {
+      const more = await Promise.race([this.#read(), this.#committed]);
+      if (this.#state !== "holding") break;
+      if (!more && this.events.outcome && !t.content && !t.reasoning) {
+        this.#state = "closed";
+        this.#end(this.events.outcome);
+        return this.events.outcome;
+      }
+      if (!more || t.content || t.reasoning || t.ended) this.#state = "open";
+    }
+    // The client left while the answer was held: it gets nothing, `ended` settles when Dify's task is stopped.
+    return this.#state === "closed" ? CLIENT_GONE : undefined;
+  }
+
+  /** The response body: frames as the client reads them. */
+  body(): ReadableStream<Uint8Array> {
+    return new ReadableStream<Uint8Array>({
+      start: (c) => void (this.#controller = c),
+      pull: (c) => this.#pull(c),
+      cancel: () => this.leave(),
+    });
+  }
+
+  /** The client is gone: nothing more is written; Dify's task is stopped as soon as it is named. */
+  leave(): void {
+    if (this.#state === "closed") return;
+    this.#state = "closed";
+    this.ex.stalledSince = undefined;
+    this.ex.leave(this.events.t.taskId);
+    // No client pulls any more: read on until Dify names its task (or the watchdog's grace ends).
+    (async () => {
+      while (!this.ex.upstream.signal.aborted && await this.#read());
+      this.#end(this.events.outcome ?? CLIENT_GONE);
+    })();
+  }
+
+  #read(): Promise<boolean> {
+    return this.#reading ??= this.events.next().finally(() => this.#reading = undefined);
+  }
+
+  async #pull(c: ReadableStreamDefaultController<Uint8Array>): Promise<void> {
+    this.ex.stalledSince = undefined;
+    this.#pulling = true;
+    try {
+      while (this.#state === "open") {
+        const text = this.#frames.take();
+        if (text) {
+          this.#write(c, text);
+          // Dify is not read again until the client takes this: if it never does, the watchdog drops it.
+          if ((c.desiredSize ?? 1) <= 0) this.ex.stalledSince = this.ex.lastWrite;
+          return;
+        }
+        const more = await this.#read();
+        if (this.#state !== "open") return;
+        if (!more) return this.#close(c);
+      }
+    } finally {
+      this.#pulling = false;
+    }
+  }
+
+  #write(c: ReadableStreamDefaultController<Uint8Array>, text: string): void {
+    try {
+      c.enqueue(textEncoder.encode(text));
+      this.ex.lastWrite = this.ex.now();
+    } catch {
+      this.leave();
+    }
+  }
+
+  /** Dify's answer is over: the format's closing frames, or an error frame after what was said. */
+  #close(c: ReadableStreamDefaultController<Uint8Array>): void {
+    const error = this.events.outcome;
+    let text = this.#frames.take();
+    if (!error) {
+      finishTranslation(this.events.t, this.#frames);
+      text += this.#frames.take() + this.format.close(this.events.t);
+    } else if (error.code !== "client_closed") text += this.format.error(error);
+    this.#write(c, text);
+    this.#state = "closed";
+    try {
+      c.close();
+    } catch { /* the client is gone */ }
+    this.#end(error);
+  }
+
+  /** A limit, the watchdog or shutdown ended the call while no pull was running to notice. */
+  async #aborted(): Promise<void> {
+    const c = this.#controller;
+    if (this.#state !== "open" || this.#pulling || !c) return;
+    const reason = this.ex.upstream.signal.reason as ApiError;
+    if (reason.code === "client_stalled") {
+      // It has not taken what it was sent: closing politely would leave the connection to it open.
+      this.#state = "closed";
+      c.error(reason);
+      return this.#end(reason);
+    }
+    await this.#read();
+    if (this.#state === "open") this.#close(c);
+  }
+
+  /** The watchdog's call when nothing was written for KEEPALIVE_SECONDS. */
+  #keepalive(): void {
+    if (this.#state === "holding") {
+      this.#state = "open";
+      this.#commit();
+      return;
+    }
+    const c = this.#controller;
+    // Only into an empty queue: a client that does not read gets no keepalives piling up.
+    if (this.#state === "open" && c && (c.desiredSize ?? 0) > 0) this.#write(c, ": keepalive\n\n");
+  }
 }
 
 // ─── HTTP plumbing: bodies, responses, client keys ──────────────────────────────────────────────
@@ -2009,6 +3212,13 @@ const CORS_HEADERS: Readonly<Record<string, string>> = {
     "authorization, content-type, x-session-id, x-dify-conversation-id, x-openwebui-chat-id, openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout",
   "access-control-expose-headers": "x-dify-conversation-id, x-request-id",
   "access-control-max-age": "86400",
+};
+
+const SSE_HEADERS: Readonly<Record<string, string>> = {
+  "content-type": "text/event-stream; charset=utf-8",
+  "cache-control": "no-cache",
+  "x-accel-buffering": "no",
+  ...CORS_HEADERS,
 };
 
 export function jsonResponse(status: number, body: unknown, headers: Record<string, string> = {}): Response {
@@ -2035,6 +3245,30 @@ export async function readJsonBody(
   timeoutMs: number,
   deadline: DeadlineClock,
 ): Promise<unknown> {
+  return parseJsonBytes(await readBody(req, limit, timeoutMs, deadline));
+}
+
+/** Reads a `multipart/form-data` body (an audio upload) within the size limit and the time limit. */
+export async function readFormBody(
+  req: Request,
+  limit: number,
+  timeoutMs: number,
+  deadline: DeadlineClock,
+): Promise<FormData> {
+  const type = req.headers.get("content-type") ?? "";
+  if (!/^multipart\/form-data\s*;/i.test(type)) {
+    throw badRequest("the request body must be multipart/form-data (with `file` and `model`)");
+  }
+  const bytes = await readBody(req, limit, timeoutMs, deadline);
+  try {
+    return await new Response(bytes as BodyInit, { headers: { "content-type": type } }).formData();
+  } catch {
+    throw badRequest("the multipart/form-data body could not be parsed");
+  }
+}
+
+/** A request body's bytes, within the size limit and the time limit. */
+async function readBody(req: Request, limit: number, timeoutMs: number, deadline: DeadlineClock): Promise<Uint8Array> {
   const tooBig = () => apiError("request_too_large", `request body is over ${limit} bytes (MAX_BODY_BYTES)`);
   const length = req.headers.get("content-length");
   if (Number(length) > limit) throw tooBig();
@@ -2051,7 +3285,7 @@ export async function readJsonBody(
   });
   const read = reader ? readCapped(reader, limit, tooBig) : req.arrayBuffer().then((buffer) => new Uint8Array(buffer));
   try {
-    return parseJsonBytes(await Promise.race([read, late]));
+    return await Promise.race([read, late]);
   } catch (e) {
     reader?.cancel().catch(() => {});
     if (e instanceof ApiError) throw e;
@@ -2120,6 +3354,15 @@ function bearerToken(req: Request): string | undefined {
 
 /** The server: a plain `(Request) => Response` handler plus what shutdown needs. */
 
+/** The request's path, or "" when its target is no URL (Bun passes `CONNECT host:port` through). */
+function requestPath(url: string): string {
+  try {
+    return new URL(url).pathname;
+  } catch {
+    return "";
+  }
+}
+
 /** A percent-encoded path segment; malformed encoding is the client's 400, not a 500. */
 function pathPart(segment: string): string {
   try {
@@ -2148,22 +3391,31 @@ export interface Deps {
 
 const NO_SINK: Sink = { content() {}, reasoning() {}, ping() {} };
 
+/** What a route hands the answer: the parsed request, who asks, and how the answer is written. */
+export interface Ask {
+  request: ChatRequest;
+  /** The client's id: a hash of its key. */
+  client: string;
+  token?: string;
+  entry: LogEntry;
+  format: AnswerFormat;
+}
+
 export function createServer(config: Config, deps: Deps) {
   const watchdog = new Watchdog(config, deps.now);
   const watchdogDeadline: DeadlineClock = (ms, expire) => watchdog.deadline(ms, expire);
   const proxyDigests = config.proxyKeys.map(sha256);
   const detected = new Map<string, Promise<AppType>>();
-  const continuing = new Set<string>();
   /** The served model ids; with only DIFY_API_KEY, the one name every model routes to. */
   const modelIds = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
-  const conversations: ConversationContext = { config, store: deps.store, continuing, recording: new Set() };
+  const conversations: ConversationContext = { config, store: deps.store, continuing: new Set() };
   let active = 0;
 
   /** Accepted tokens → client id, so a hash is computed once per key rather than per request. */
   const accepted = new Map<string, string>();
 
   /** The caller's identity (a hash of its key), after checking it against PROXY_API_KEYS. */
-  async function authenticate(req: Request): Promise<{ client: string; token?: string }> {
+  function authenticate(req: Request): { client: string; token?: string } {
     const token = bearerToken(req);
     const known = accepted.get(token ?? "");
     if (known) return { client: known, token };
@@ -2236,16 +3488,22 @@ export function createServer(config: Config, deps: Deps) {
     return { app, key, clientKey, type: await appType(app, key) };
   }
 
+  /** `POST /v1/chat/completions`. */
   async function chat(req: Request, entry: LogEntry): Promise<Response> {
-    entry.id = `chatcmpl-${crypto.randomUUID().replaceAll("-", "")}`;
-    const { client, token } = await authenticate(req);
+    const id = `chatcmpl-${crypto.randomUUID().replaceAll("-", "")}`;
+    entry.id = id;
+    const { client, token } = authenticate(req);
     const body = await readJsonBody(req, config.bodyLimit, config.bodyTimeoutMs, watchdogDeadline);
-    const chatReq = parseChatRequest(body, req.headers, config);
-    entry.model = chatReq.model;
-    entry.stream = chatReq.stream;
-    const r = await route(chatReq.model, token);
-    entry.app_type = r.type;
-    const turn = buildTurn(chatReq.messages, config.envelope);
+    const request = parseChatRequest(body, req.headers, config);
+    const format = new ChatFormat(id, Math.floor(Date.now() / 1000), request.model, {
+      includeUsage: request.includeUsage,
+      reasoningContent: config.reasoning === "reasoning_content",
+    });
+    return await answer(req, { request, client, token, entry, format });
+  }
+
+  /** A concurrency slot for one answer; the returned function gives it back (once). */
+  function takeSlot(): () => void {
     if (active >= config.maxConcurrentStreams) {
       throw apiError(
         "overloaded",
@@ -2254,244 +3512,151 @@ export function createServer(config: Config, deps: Deps) {
       );
     }
     active++;
-    let released = false;
-    const release = () => {
-      if (!released) active--;
-      released = true;
+    let held = true;
+    return () => {
+      if (held) active--;
+      held = false;
     };
+  }
+
+  /**
+   * Opens Dify's event stream for this turn. Dify may have lost the conversation (deleted,
+   * expired, another Dify): then the turn starts over with the history replayed.
+   */
+  async function openDify(
+    ask: Ask,
+    r: Route,
+    turn: Turn,
+    res: Resolution,
+    ex: Exchange,
+  ): Promise<{ upstream: Response; res: Resolution }> {
+    const files = await difyFiles(deps.fetch, r, res.user, turn.files, ex.upstream.signal);
+    const inputs: Record<string, unknown> = { ...ask.request.inputs };
+    if (config.systemPrompt !== "drop" && turn.system.trim()) inputs.system_prompt ??= turn.system;
+    const body = (resolution: Resolution) =>
+      difyRequestBody(r.type, r.app, {
+        query: difyQuery(turn, !resolution.conversationId, config.systemPrompt),
+        user: resolution.user,
+        conversationId: resolution.conversationId,
+        inputs,
+        files,
+      });
     try {
-      const response = await answer(req, chatReq, turn, r, client, entry, release);
-      return response;
+      return { upstream: await callDify(deps.fetch, r, body(res), ex), res };
     } catch (e) {
-      release();
-      throw e;
+      const lost = res.conversationId;
+      if (!(e instanceof ApiError) || e.code !== "conversation_not_found" || res.via === "explicit" || !lost) throw e;
+      deps.store.delete(storeKeys.head(ask.client, r.app.model, lost));
+      releaseConversation(conversations, res);
+      const fresh: Resolution = { via: "new", user: res.user, head: null };
+      ask.entry.recovered = true;
+      return { upstream: await callDify(deps.fetch, r, body(fresh), ex), res: fresh };
     }
   }
 
-  async function answer(
-    req: Request,
-    chatReq: ChatRequest,
-    turn: Turn,
-    r: Route,
-    client: string,
-    entry: LogEntry,
-    release: () => void,
-  ): Promise<Response> {
+  /** The request's log line, once its answer is over. */
+  function logAnswer(entry: LogEntry, ex: Exchange, t: Translation, turn: Turn, error: ApiError | undefined): void {
+    entry.status = error?.status ?? 200;
+    entry.ms = Math.round(deps.now() - ex.started);
+    if (t.usage) {
+      entry.prompt_tokens = t.usage.prompt_tokens;
+      entry.completion_tokens = t.usage.completion_tokens;
+    }
+    if (error) entry.error = error.code;
+    if (config.logContent) {
+      entry.query = turn.query;
+      entry.answer = t.content;
+    }
+    deps.log(JSON.stringify(entry));
+  }
+
+  /**
+   * One answer, in named steps: route → resolve the conversation → open Dify's stream (recovering
+   * a lost conversation) → stream or aggregate → record the turn, free the slot, log.
+   */
+  async function answer(req: Request, ask: Ask): Promise<Response> {
+    const { request, entry, client } = ask;
+    entry.model = request.model;
+    entry.stream = request.stream;
+    const r = await route(request.model, ask.token);
+    entry.app_type = r.type;
+    const turn = buildTurn(request.messages, config.envelope);
+    const release = takeSlot();
     const ex = new Exchange(deps.now);
     watchdog.add(ex);
-    const t = newTranslation(r.type, chatReq.stream);
-    const clientGone = () => {
-      if (ex.upstream.signal.aborted || ex.goneAt !== undefined) return;
-      ex.goneAt = ex.now();
-      // Dify keeps generating (and billing) after a disconnect: its task must be stopped. Until
-      // an event names the task, keep reading (the watchdog gives up after a few seconds).
-      if (t.taskId) ex.abort(CLIENT_GONE);
-    };
+    const t = newTranslation(r.type, request.stream);
+    let stream: AnswerStream | undefined = undefined;
+    const clientGone = () => stream ? stream.leave() : ex.leave(t.taskId);
     req.signal?.addEventListener("abort", clientGone, { once: true });
-    let res = await resolveConversation(conversations, chatReq, turn, r, client);
-    /** This turn's record, once the answer is complete. */
-    let recorded: Promise<void> | undefined;
-    const done = () => {
+    let res: Resolution = { via: "new", user: "", head: null };
+    /** The exchange is over: a complete turn is recorded, and what it held is freed. */
+    const settle = (error: unknown) => {
       req.signal?.removeEventListener("abort", clientGone);
       watchdog.delete(ex);
-      if (res.via === "history" && res.conversationId) {
-        const continued = res.conversationId;
-        // Until the turn is recorded, a twin request would still find the old head and continue it too.
-        if (recorded) recorded.then(() => continuing.delete(continued));
-        else continuing.delete(continued);
-      }
+      if (!error) recordTurn(conversations, request, turn, r, client, res, t);
+      releaseConversation(conversations, res);
       release();
     };
     let upstream: Response;
     try {
-      const files = await difyFiles(deps.fetch, r, res.user, turn.files, ex.upstream.signal);
-      const inputs: Record<string, unknown> = { ...chatReq.inputs };
-      if (config.systemPrompt !== "drop" && turn.system.trim()) inputs.system_prompt ??= turn.system;
-      const request = (resolution: Resolution) =>
-        difyRequestBody(r.type, r.app, {
-          query: difyQuery(turn, !resolution.conversationId, config.systemPrompt),
-          user: resolution.user,
-          conversationId: resolution.conversationId,
-          inputs,
-          files,
-        });
-      try {
-        upstream = await callDify(deps.fetch, r, request(res), ex);
-      } catch (e) {
-        // Dify lost the conversation (deleted, expired, another Dify): start over with the history replayed.
-        if (
-          !(e instanceof ApiError) || e.code !== "conversation_not_found" || res.via === "explicit" ||
-          !res.conversationId
-        ) throw e;
-        const lost = res.conversationId!;
-        deps.store.delete(storeKeys.head(client, r.app.model, lost));
-        if (res.via === "history") continuing.delete(lost);
-        res = { via: "new", user: res.user, head: null };
-        entry.recovered = true;
-        upstream = await callDify(deps.fetch, r, request(res), ex);
-      }
+      res = await resolveConversation(conversations, request, turn, r, client);
+      ({ upstream, res } = await openDify(ask, r, turn, res, ex));
     } catch (e) {
-      done();
+      settle(e);
       throw e;
     }
     entry.conversation_via = res.via;
-    const id = entry.id as string;
-    const created = Math.floor(Date.now() / 1000);
-    const options: TranslateOptions = {
+    const reader = deps.bodyReader(upstream.body!);
+    // Whatever ends the call early (client gone, a limit, shutdown), Dify keeps generating and
+    // billing until its task is stopped.
+    ex.upstream.signal.addEventListener("abort", () => {
+      reader.cancel();
+      if (t.taskId) stopTask(deps.fetch, r, t.taskId, res.user);
+    }, { once: true });
+    const options = translateOptions(r);
+    const headers: Record<string, string> = { "x-request-id": String(entry.id) };
+
+    if (!request.stream) {
+      const error = await new DifyEvents(reader, t, NO_SINK, options, ex, config.maxAnswerBytes).drain();
+      if (!error) finishTranslation(t, NO_SINK);
+      settle(error);
+      entry.ttft_ms = Math.round(deps.now() - ex.started);
+      logAnswer(entry, ex, t, turn, error);
+      if (error) return errorResponse(error, headers);
+      if (t.conversationId) headers["x-dify-conversation-id"] = t.conversationId;
+      return jsonResponse(200, ask.format.object(t), headers);
+    }
+
+    const frames = new Frames(ask.format);
+    const events = new DifyEvents(reader, t, frames, options, ex, config.maxAnswerBytes);
+    stream = new AnswerStream(events, frames, ask.format, ex);
+    stream.ended.then((error) => {
+      settle(error);
+      logAnswer(entry, ex, t, turn, error);
+    });
+    const error = await stream.hold();
+    if (error) return errorResponse(error, headers);
+    entry.ttft_ms = Math.round(deps.now() - ex.started);
+    if (t.conversationId) headers["x-dify-conversation-id"] = t.conversationId;
+    return new Response(stream.body(), { headers: { ...SSE_HEADERS, ...headers } });
+  }
+
+  function translateOptions(r: Route): TranslateOptions {
+    return {
       reasoning: config.reasoning,
       reasoningNodes: config.reasoningNodes,
       origin: new URL(r.app.url).origin,
       app: r.app,
       clientKey: r.clientKey,
     };
-    const finish = (status: number, error?: ApiError) => {
-      done();
-      entry.status = status;
-      entry.ms = Math.round(deps.now() - ex.started);
-      if (t.usage) {
-        entry.prompt_tokens = t.usage.prompt_tokens;
-        entry.completion_tokens = t.usage.completion_tokens;
-      }
-      if (error) entry.error = error.code;
-      if (config.logContent) {
-        entry.query = turn.query;
-        entry.answer = t.content;
-      }
-      deps.log(JSON.stringify(entry));
-    };
-    const reader = deps.bodyReader(upstream.body!);
-    // Whatever ends the call early (client gone, timeout, shutdown), Dify keeps generating and
-    // billing until its task is stopped.
-    const cancelUpstream = () => {
-      reader.cancel();
-      if (t.taskId) stopTask(deps.fetch, r, t.taskId, res.user);
-    };
-    ex.upstream.signal.addEventListener("abort", cancelUpstream, { once: true });
-    const headers: Record<string, string> = { "x-request-id": id };
-
-    if (!chatReq.stream) {
-      const error = await pump(reader, t, NO_SINK, options, ex, () => {});
-      req.signal?.removeEventListener("abort", clientGone);
-      if (error) {
-        finish(error.status, error);
-        return errorResponse(error, headers);
-      }
-      finishTranslation(t, NO_SINK);
-      recorded = recordTurn(conversations, chatReq, turn, r, client, res, t);
-      if (t.conversationId) headers["x-dify-conversation-id"] = t.conversationId;
-      entry.ttft_ms = entry.ms;
-      finish(200);
-      return jsonResponse(
-        200,
-        completionObject(id, created, chatReq.model, t, config.reasoning === "reasoning_content"),
-        headers,
-      );
-    }
-
-    // Streaming: hold the response until the answer starts (an early Dify error can still be an
-    // HTTP error) or until the keepalive time passes with nothing to say.
-    const format = new ChunkFormat(id, created, chatReq.model);
-    let controller!: ReadableStreamDefaultController<Uint8Array>;
-    let closed = false;
-    const body = new ReadableStream<Uint8Array>({
-      start(c) {
-        controller = c;
-      },
-      cancel() {
-        closed = true;
-        clientGone();
-      },
-    });
-    /** Queues text for the client; `at` is when (a read's own timestamp saves a clock call per read). */
-    const write = (text: string, at = ex.now()) => {
-      if (closed) return;
-      try {
-        controller.enqueue(textEncoder.encode(text));
-        // Bytes queued before the response is returned have not reached the client: Dify's pings
-        // must not keep postponing the keepalive that commits the response.
-        if (committed) ex.lastWrite = at;
-      } catch {
-        closed = true;
-      }
-    };
-    let pending = format.role();
-    const sink: Sink = {
-      content: (text) => void (pending += format.content(text)),
-      reasoning: (text) => void (pending += format.reasoning(text)),
-      ping: () => void (pending += ": ping\n\n"),
-    };
-    let decide!: () => void;
-    const decided = new Promise<void>((resolve) => decide = resolve);
-    let committed = false;
-    ex.keepalive = () => {
-      if (!committed) return decide();
-      write(": keepalive\n\n");
-    };
-    const flushed = () => {
-      if (!committed && (t.content || t.reasoning || t.error || t.ended)) decide();
-      if (pending && (committed || !t.error || t.content || t.reasoning)) {
-        write(pending, ex.lastUpstream);
-        pending = "";
-      }
-    };
-    const pumped = pump(reader, t, sink, options, ex, flushed).then(async (error) => {
-      req.signal?.removeEventListener("abort", clientGone);
-      // A broken connection or a timeout is no Dify `error` event: record it, so that an answer that
-      // said nothing yet still becomes an HTTP error status below.
-      if (error) t.error ??= error;
-      decide();
-      await decided;
-      if (!committed) return finish(error?.status ?? 200, error);
-      if (error) {
-        if (error.status !== 499) write(errorFrame(error));
-      } else {
-        finishTranslation(t, sink);
-        pending += format.finish();
-        if (chatReq.includeUsage) {
-          pending += format.usage(t.usage ?? { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 });
-        }
-        write(pending + SSE_DONE);
-      }
-      if (!closed) {
-        closed = true;
-        try {
-          controller.close();
-        } catch { /* the client is gone */ }
-      }
-      // After the close: recording the turn, bookkeeping and the log line must not hold the
-      // answer's last bytes.
-      if (!error) recorded = recordTurn(conversations, chatReq, turn, r, client, res, t);
-      finish(error ? error.status : 200, error);
-    });
-    await decided;
-    if (t.error && !t.content && !t.reasoning) {
-      // Nothing was said yet: the client gets the error as an HTTP status.
-      await pumped;
-      return errorResponse(t.error, headers);
-    }
-    committed = true;
-    entry.ttft_ms = Math.round(deps.now() - ex.started);
-    if (pending && !t.error) {
-      write(pending);
-      pending = "";
-    }
-    if (t.conversationId) headers["x-dify-conversation-id"] = t.conversationId;
-    return new Response(body, {
-      headers: {
-        "content-type": "text/event-stream; charset=utf-8",
-        "cache-control": "no-cache",
-        "x-accel-buffering": "no",
-        ...CORS_HEADERS,
-        ...headers,
-      },
-    });
   }
 
   async function handler(req: Request): Promise<Response> {
-    const url = new URL(req.url);
-    const path = url.pathname.replace(/\/+$/, "").replace(/^\/v1(?=\/|$)/, "") || "/";
-    const entry: LogEntry = { t: new Date().toISOString(), method: req.method, path: url.pathname };
+    const pathname = requestPath(req.url);
+    const path = pathname.replace(/\/+$/, "").replace(/^\/v1(?=\/|$)/, "") || "/";
+    const entry: LogEntry = { t: new Date().toISOString(), method: req.method, path: pathname };
     try {
+      if (!pathname) throw badRequest(`the request target is not a path: ${preview(req.url)}`);
       if (req.method === "OPTIONS") return new Response(null, { status: 204, headers: CORS_HEADERS });
       if (path === "/healthz" || path === "/health") {
         if (req.method !== "GET" && req.method !== "HEAD") throw methodNotAllowed("GET");
@@ -2504,12 +3669,12 @@ export function createServer(config: Config, deps: Deps) {
       }
       if (path === "/models" || path.startsWith("/models/")) {
         if (req.method !== "GET") throw methodNotAllowed("GET");
-        await authenticate(req);
+        authenticate(req);
         return models(pathPart(path.slice("/models/".length)));
       }
       if (path.startsWith("/conversations/")) {
         if (req.method !== "DELETE") throw methodNotAllowed("DELETE");
-        const { client } = await authenticate(req);
+        const { client } = authenticate(req);
         const user = pathPart(path.slice("/conversations/".length));
         await Promise.all(modelIds.map((scope) => deps.store.delete(storeKeys.user(client, scope, user))));
         return jsonResponse(200, { object: "conversation.deleted", user, deleted: true });
@@ -2517,13 +3682,13 @@ export function createServer(config: Config, deps: Deps) {
       if (path === "/") {
         return jsonResponse(200, { name: "dify-openai", endpoints: ["/v1/chat/completions", "/v1/models"] });
       }
-      throw apiError("not_found", `unknown route ${req.method} ${url.pathname}`);
+      throw apiError("not_found", `unknown route ${req.method} ${pathname}`);
     } catch (e) {
       const error = e instanceof ApiError
         ? e
         : apiError("internal_error", `internal error: ${(e as Error)?.message ?? e}`);
       if (!(e instanceof ApiError)) {
-        deps.warn(`unexpected error on ${req.method} ${url.pathname}: ${(e as Error)?.stack ?? e}`);
+        deps.warn(`unexpected error on ${req.method} ${pathname}: ${(e as Error)?.stack ?? e}`);
       }
       if (path === "/chat/completions") {
         entry.status = error.status;
@@ -2546,8 +3711,6 @@ export function createServer(config: Config, deps: Deps) {
     get active() {
       return active;
     },
-    /** Settles once every answered turn is recorded (its store write started): shutdown. */
-    recorded: async () => void await Promise.all(conversations.recording),
     /** Ends every open answer with an error frame (shutdown grace is over). */
     abortAll() {
       const reason = apiError("shutting_down", "the server is shutting down");
@@ -2598,14 +3761,31 @@ interface Served {
   shutdown(): Promise<void>;
 }
 
+/** How the runtime serves: the port, the idle-connection limit, and where its warnings go. */
+export interface ServeOptions {
+  port: number;
+  /** `Config.idleConnectionMs`: 0 keeps idle connections open. */
+  idleConnectionMs: number;
+  warn: (message: string) => void;
+}
+
+type Handler = (req: Request) => Promise<Response>;
+
 export interface Runtime {
   name: "deno" | "bun";
   env(): Env;
-  serve(port: number, handler: (req: Request) => Promise<Response>, onListen: (port: number) => void): Served;
+  serve(options: ServeOptions, handler: Handler, onListen: (port: number) => void): Served;
   onSignal(signal: "SIGTERM" | "SIGINT", listener: () => void): void;
   openStore(path: string, env: Env): Promise<Store>;
   bodyReader(body: ReadableStream<Uint8Array>): ChunkReader;
   exit(code: number): never;
+}
+
+interface BunServer {
+  port: number;
+  stop(closeActive?: boolean): Promise<void> | void;
+  /** This request's connection idle limit in seconds (0: none), replacing `idleTimeout`. */
+  timeout(req: Request, seconds: number): void;
 }
 
 interface BunLike {
@@ -2614,8 +3794,10 @@ interface BunLike {
     hostname?: string;
     idleTimeout?: number;
     maxRequestBodySize?: number;
-    fetch(req: Request): Promise<Response>;
-  }): { port: number; stop(closeActive?: boolean): Promise<void> | void };
+    development?: boolean;
+    fetch(req: Request, server: BunServer): Promise<Response>;
+    error?(e: unknown): Response;
+  }): BunServer;
 }
 
 interface ProcessLike {
@@ -2629,14 +3811,91 @@ function dirOf(path: string): string {
   return i > 0 ? path.slice(0, i) : "";
 }
 
+/** First wait before serving again after Deno's accept loop died, and the most it backs off to. */
+const RESERVE_MIN_MS = 50;
+const RESERVE_MAX_MS = 2000;
+/** Serving this long without another failure ends an incident: the next failure is logged again. */
+const RESERVE_STABLE_MS = 10_000;
+
+/**
+ * `Deno.serve`, served again when its accept loop dies. Out of file descriptors (EMFILE), Deno's
+ * `finished` rejects and nothing accepts any more, though the process lives on; serving again on
+ * the same port works once descriptors free up. Until then new connections are refused, and each
+ * try backs off. Requests already accepted are answered by the server that accepted them.
+ */
+export class DenoServeLoop implements Served {
+  #state: "serving" | "waiting" | "stopped" = "serving";
+  #server: Deno.HttpServer<Deno.NetAddr>;
+  #warn: (message: string) => void;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #waitMs = RESERVE_MIN_MS;
+  /** When the current incident's last failure happened (0: no incident). */
+  #failedAt = 0;
+  readonly port: number;
+
+  constructor(
+    options: ServeOptions,
+    private handler: Handler,
+    onListen: (port: number) => void,
+    private serve: typeof Deno.serve = Deno.serve,
+  ) {
+    this.#warn = options.warn;
+    this.#server = this.#open(options.port, onListen);
+    this.port = this.#server.addr.port;
+  }
+
+  get state(): "serving" | "waiting" | "stopped" {
+    return this.#state;
+  }
+
+  #open(port: number, onListen: (port: number) => void = () => {}): Deno.HttpServer<Deno.NetAddr> {
+    const server = this.serve({ port, onListen: ({ port }) => onListen(port) }, this.handler);
+    server.finished.then(() => {}, (e) => this.#lost(server, e));
+    return server;
+  }
+
+  #lost(server: Deno.HttpServer<Deno.NetAddr>, e: unknown): void {
+    if (this.#state === "stopped" || server !== this.#server) return;
+    const now = Date.now();
+    if (!this.#failedAt || now - this.#failedAt > RESERVE_STABLE_MS) {
+      this.#waitMs = RESERVE_MIN_MS;
+      this.#warn(
+        `stopped accepting connections (${(e as Error)?.message ?? e}); serving again as soon as it can. ` +
+          `Raise the open-file limit (ulimit -n) or close idle connections in front of this server.`,
+      );
+    } else this.#waitMs = Math.min(this.#waitMs * 2, RESERVE_MAX_MS);
+    this.#failedAt = now;
+    this.#wait();
+  }
+
+  #wait(): void {
+    this.#state = "waiting";
+    this.#timer = setTimeout(() => this.#retry(), this.#waitMs);
+  }
+
+  #retry(): void {
+    if (this.#state === "stopped") return;
+    try {
+      this.#server = this.#open(this.port);
+      this.#state = "serving";
+    } catch {
+      this.#waitMs = Math.min(this.#waitMs * 2, RESERVE_MAX_MS);
+      this.#wait();
+    }
+  }
+
+  async shutdown(): Promise<void> {
+    this.#state = "stopped";
+    clearTimeout(this.#timer);
+    await this.#server.shutdown().catch(() => {});
+  }
+}
+
 function denoRuntime(): Runtime {
   return {
     name: "deno",
     env: () => Deno.env.toObject(),
-    serve(port, handler, onListen) {
-      const server = Deno.serve({ port, onListen: ({ port }) => onListen(port) }, handler);
-      return { port: server.addr.port, shutdown: () => server.shutdown() };
-    },
+    serve: (options, handler, onListen) => new DenoServeLoop(options, handler, onListen),
     onSignal(signal, listener) {
       try {
         Deno.addSignalListener(signal, listener);
@@ -2659,9 +3918,25 @@ function bunRuntime(bun: BunLike, proc: ProcessLike): Runtime {
   return {
     name: "bun",
     env: () => ({ ...proc.env }),
-    serve(port, handler, onListen) {
-      // idleTimeout 0: Bun would otherwise close a quiet stream after 10 s; keepalives cover idling.
-      const server = bun.serve({ port, idleTimeout: 0, maxRequestBodySize: Number.MAX_SAFE_INTEGER, fetch: handler });
+    serve({ port, idleConnectionMs }, handler, onListen) {
+      // Bun's limit is whole seconds up to 255. It counts quiet time on the connection, also while an
+      // answer is being worked on: none while the handler runs (Dify may think for minutes), and
+      // while a stream is sent the keepalives keep it below the limit.
+      const idle = Math.min(255, Math.ceil(idleConnectionMs / 1000));
+      const server = bun.serve({
+        port,
+        idleTimeout: idle,
+        maxRequestBodySize: Number.MAX_SAFE_INTEGER,
+        // Never Bun's development error page (a stack, file paths and source lines) to a client.
+        development: false,
+        fetch: !idle ? handler : async (req, server) => {
+          server.timeout(req, 0);
+          const res = await handler(req);
+          server.timeout(req, idle);
+          return res;
+        },
+        error: (e) => errorResponse(apiError("internal_error", `internal error: ${(e as Error)?.name ?? "Error"}`)),
+      });
       queueMicrotask(() => onListen(server.port));
       return { port: server.port, shutdown: async () => void await server.stop(false) };
     },
@@ -2804,7 +4079,8 @@ export async function main(rt: Runtime = currentRuntime()): Promise<void> {
   if (!config.proxyKeys.length) {
     warn("PROXY_API_KEYS is not set: anyone who can reach this server can use it");
   }
-  const served = rt.serve(config.port, server.handler, (port) => {
+  const serveOptions = { port: config.port, idleConnectionMs: config.idleConnectionMs, warn };
+  const served = rt.serve(serveOptions, server.handler, (port) => {
     const models = config.catchAll ? `every model name → ${config.catchAll.model}` : [...config.apps.keys()].join(", ");
     console.error(
       `dify-openai on ${rt.name}: http://localhost:${port}/v1 (${models}; conversations: ${config.conversationMode}, store: ${config.kvPath})`,
@@ -2826,7 +4102,7 @@ export async function main(rt: Runtime = currentRuntime()): Promise<void> {
     await Promise.race([served.shutdown().catch(() => {}), stuck]);
     clearTimeout(grace);
     // A store that hangs must not hold the exit: writes still pending after 5 s are given up.
-    const flushed = server.recorded().then(() => conversations.flush());
+    const flushed = conversations.flush();
     await Promise.race([flushed, new Promise((resolve) => setTimeout(resolve, 5000))]);
     try {
       store.close();
