@@ -42,6 +42,10 @@ export interface Config {
   /** Only `DIFY_API_KEY` (or nothing) configured: every model name goes to this app. */
   catchAll?: AppConfig;
   proxyKeys: string[];
+  /** `GET /metrics` is served (METRICS=on, the default). */
+  metrics: boolean;
+  /** The one key `GET /metrics` takes (METRICS_KEY); unset: the keys of every route. */
+  metricsKey?: string;
   kvPath: string;
   bodyLimit: number;
   bodyTimeoutMs: number;
@@ -176,7 +180,8 @@ export function loadConfig(env: Env): Config {
   const defaultApp: AppConfig = { model: defaultModel, key: defaultKey, url: difyUrl, input: "query" };
   if (apps.size && defaultKey && !apps.has(defaultModel)) apps.set(defaultModel, defaultApp);
   const autoGenerateName = toggle(env, "AUTO_GENERATE_NAME", true);
-  for (const app of [...apps.values(), defaultApp]) app.autoGenerateName ??= autoGenerateName;
+  // Only "off" is written into the apps: on is Dify's default, and an app's own setting wins.
+  if (!autoGenerateName) { for (const app of [...apps.values(), defaultApp]) app.autoGenerateName ??= false; }
   const seconds = (name: string, fallback: number) => number(env, name, fallback) * 1000;
   return {
     port: number(env, "PORT", 8000),
@@ -184,6 +189,8 @@ export function loadConfig(env: Env): Config {
     apps,
     catchAll: apps.size ? undefined : defaultApp,
     proxyKeys: (env.PROXY_API_KEYS ?? "").split(",").map((k) => k.trim()).filter(Boolean),
+    metrics: choice(env, "METRICS", ["on", "off"], "on") === "on",
+    metricsKey: env.METRICS_KEY?.trim() || undefined,
     kvPath: env.KV_PATH?.trim() || "./data/dify-openai.kv",
     bodyLimit: number(env, "MAX_BODY_BYTES", 20 * 1024 * 1024, 1),
     bodyTimeoutMs: seconds("BODY_TIMEOUT_SECONDS", 30),
@@ -250,6 +257,7 @@ export const ERRORS = {
   missing_dify_key: [401, "authentication_error"],
   // Conversations
   conversation_not_found: [404, "not_found_error"],
+  response_not_found: [404, "not_found_error"],
   // The bridge itself
   client_closed: [499, "client_error"],
   client_stalled: [499, "client_error"],
@@ -326,6 +334,8 @@ export interface ChatRequest {
   user?: string;
   conversationId?: string;
   sessionId?: string;
+  /** Responses API: the response this one continues (`previous_response_id`). */
+  previousResponseId?: string;
   inputs: Record<string, unknown>;
 }
 
@@ -544,15 +554,22 @@ function refuseUnsupported(body: Record<string, unknown>): void {
   }
 }
 
+/** Every request body is a JSON object naming a model. */
+function checkModel(body: unknown): asserts body is Record<string, unknown> & { model: string } {
+  if (!isObject(body)) throw badRequest("the request body must be a JSON object");
+  if (typeof body.model !== "string" || !body.model.trim()) {
+    throw badRequest("`model` must be a non-empty string", "model");
+  }
+}
+
 /** Validates an OpenAI chat completion body; throws ApiError 400 naming the bad field. */
 export function parseChatRequest(
   body: unknown,
   headers: Headers,
   limits: { maxMessages: number; maxParts: number },
 ): ChatRequest {
-  if (!isObject(body)) throw badRequest("the request body must be a JSON object");
+  checkModel(body);
   const model = body.model;
-  if (typeof model !== "string" || !model.trim()) throw badRequest("`model` must be a non-empty string", "model");
   if (!Array.isArray(body.messages) || body.messages.length === 0) {
     throw badRequest("`messages` must be a non-empty array", "messages");
   }
@@ -700,8 +717,6 @@ export function parseSpeechRequest(body: unknown): SpeechRequest {
 
 /** A Responses request: the shared chat request, plus what the response object and its chain need. */
 export interface ResponsesRequest extends ChatRequest {
-  /** The response this one continues (`previous_response_id`). */
-  previousResponseId?: string;
   /** False: the client keeps the history itself (Codex sends `store: false` and resends it all). */
   store: boolean;
   /** Request fields the `response` object echoes back, with OpenAI's documented defaults filled in. */
@@ -731,8 +746,11 @@ export interface ResponseEcho {
 const unsupported = (field: string, why: string) =>
   apiError("unsupported_parameter", `\`${field}\` is not supported: ${why}`, { param: field });
 
-/** A trailing `:N` turn counter some clients append to a session id (`agent:main:main:3`); chat ids stay whole. */
-const SESSION_COUNTER = /^(.*[^:\d].*):\d{1,4}$/;
+/**
+ * OpenClaw's `x-session-affinity`: its session id, which may carry a trailing `:N` counter. Only a
+ * counter after a UUID is stripped: `chat:42` is a whole id, and cutting it would merge chats.
+ */
+const AFFINITY_COUNTER = new RegExp(`^(${UUID.source.slice(1, -1)}):\\d+$`, "i");
 
 /**
  * The client's name for this chat, from the headers and fields clients send it in. Never
@@ -743,7 +761,7 @@ function sessionIdOf(body: Record<string, unknown>, headers: Headers): string | 
   const clientMetadata = isObject(body.client_metadata) ? body.client_metadata : {};
   const metadata = isObject(body.metadata) ? body.metadata : {};
   const id = headers.get("x-session-id") || headers.get("session-id") || headers.get("session_id") ||
-    headers.get("thread-id") || (affinity && (SESSION_COUNTER.exec(affinity)?.[1] ?? affinity)) ||
+    headers.get("thread-id") || (affinity && (AFFINITY_COUNTER.exec(affinity)?.[1] ?? affinity)) ||
     (typeof clientMetadata.session_id === "string" ? clientMetadata.session_id : undefined) ||
     optionalString(body, "prompt_cache_key") || headers.get("x-openwebui-chat-id") ||
     (typeof metadata.chat_id === "string" ? metadata.chat_id : undefined);
@@ -802,11 +820,14 @@ function refuseResponsesUnsupported(body: Record<string, unknown>): void {
     throw unsupported("tool_choice", "a Dify app answers in text and never calls the client's tools");
   }
   const format = isObject(body.text) && isObject(body.text.format) ? body.text.format : undefined;
-  if (format?.type === "json_schema") {
+  if (format?.type === "json_schema" || format?.type === "json_object") {
     throw unsupported(
       "text.format",
-      "a Dify app's answer cannot be held to a JSON schema; ask for JSON in the prompt or in the app",
+      `a Dify app's answer cannot be held to ${format.type}; ask for JSON in the prompt or in the app`,
     );
+  }
+  if (typeof body.top_logprobs === "number" && body.top_logprobs > 0) {
+    throw unsupported("top_logprobs", "Dify does not report token log probabilities");
   }
 }
 
@@ -876,9 +897,8 @@ export function parseResponsesRequest(
   headers: Headers,
   limits: { maxMessages: number; maxParts: number },
 ): ResponsesRequest {
-  if (!isObject(body)) throw badRequest("the request body must be a JSON object");
+  checkModel(body);
   const model = body.model;
-  if (typeof model !== "string" || !model.trim()) throw badRequest("`model` must be a non-empty string", "model");
   checkTypes(body);
   refuseResponsesUnsupported(body);
   const input = body.input;
@@ -1101,7 +1121,7 @@ export interface Store {
   set(key: StoreKey, value: unknown, ttlMs: number): Promise<void>;
   /**
    * Sets `value` only if the current value deep-equals `expected` (null: absent), and with it the
-   * `also` entries, in one atomic commit.
+   * `also` entries, in one atomic commit. `soon`: a request is waiting on it, so commit at once.
    */
   setIf(
     key: StoreKey,
@@ -1109,6 +1129,7 @@ export interface Store {
     value: unknown,
     ttlMs: number,
     also?: [StoreKey, unknown][],
+    soon?: boolean,
   ): Promise<boolean>;
   delete(key: StoreKey): Promise<void>;
   close(): void;
@@ -1127,6 +1148,13 @@ type Owner = Pick<Binding, "u">;
 interface Head {
   f: string;
   u: string;
+  /** A request continuing it right now (in any process sharing the store), until `until` (epoch ms). */
+  c?: { by: string; until: number };
+}
+
+/** True while another request holds the head: a request continuing the same chat then branches. */
+function claimHeld(head: Head): boolean {
+  return head.c !== undefined && head.c.until > Date.now();
 }
 
 export const storeKeys = {
@@ -1135,10 +1163,30 @@ export const storeKeys = {
   session: (client: string, app: string, session: string): StoreKey => ["sess", client, app, session],
   user: (client: string, app: string, user: string): StoreKey => ["user", client, app, user],
   owner: (client: string, app: string, conversation: string): StoreKey => ["own", client, app, conversation],
+  response: (client: string, app: string, id: string): StoreKey => ["resp", client, app, id],
 };
 
 function sameValue(a: unknown, b: unknown): boolean {
   return JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+}
+
+/** Store errors that pass: another process holds the file's lock (SQLite under Deno KV, and bun:sqlite). */
+const RETRYABLE_STORE_ERROR = /database is (locked|busy)|SQLITE_BUSY|SQLITE_LOCKED/i;
+/** Tries of one store operation that meets a retryable error; the waits double from 10 ms up to 1 s. */
+const STORE_TRIES = 10;
+
+/** `op`, tried again with a growing, jittered wait while it fails with a retryable store error. */
+export async function retrying<T>(op: () => T | Promise<T>): Promise<T> {
+  for (let attempt = 1;; attempt++) {
+    try {
+      return await op();
+    } catch (e) {
+      const text = `${(e as Error)?.message ?? e} ${(e as { code?: unknown })?.code ?? ""}`;
+      if (attempt >= STORE_TRIES || !RETRYABLE_STORE_ERROR.test(text)) throw e;
+      const ms = Math.min(1000, 5 * 2 ** attempt);
+      await new Promise((resolve) => setTimeout(resolve, ms / 2 + Math.random() * ms));
+    }
+  }
 }
 
 /** A write waiting for the next grouped commit; `expected` is checked only when `checked`. */
@@ -1176,15 +1224,16 @@ class WriteGroup {
     return this.#add(key, false, null, value, ttlMs, []).then(() => {});
   }
 
-  /** `Store.setIf`, grouped. */
+  /** `Store.setIf`, grouped; `soon` commits without waiting for others (with those already waiting). */
   setIf(
     key: StoreKey,
     expected: unknown,
     value: unknown,
     ttlMs: number,
     also: [StoreKey, unknown][],
+    soon = false,
   ): Promise<boolean> {
-    return this.#add(key, true, expected, value, ttlMs, also);
+    return this.#add(key, true, expected, value, ttlMs, also, soon);
   }
 
   #add(
@@ -1194,10 +1243,14 @@ class WriteGroup {
     value: unknown,
     ttlMs: number,
     also: [StoreKey, unknown][],
+    soon = false,
   ): Promise<boolean> {
     return new Promise((done, fail) => {
       this.#waiting.push({ key, checked, expected, value, ttlMs, also, done, fail });
-      this.#timer ??= setTimeout(() => this.#drain(), KV_GROUP_MS);
+      if (soon) {
+        clearTimeout(this.#timer);
+        this.#timer = setTimeout(() => this.#drain(), 0);
+      } else this.#timer ??= setTimeout(() => this.#drain(), KV_GROUP_MS);
     });
   }
 
@@ -1225,7 +1278,7 @@ export class DenoKvStore implements Store {
 
   constructor(private kv: Deno.Kv) {}
   async get<T>(key: StoreKey): Promise<T | null> {
-    return (await this.kv.get<T>(key)).value;
+    return (await retrying(() => this.kv.get<T>(key))).value;
   }
   set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
     return this.#writes.set(key, value, ttlMs);
@@ -1236,11 +1289,12 @@ export class DenoKvStore implements Store {
     value: unknown,
     ttlMs: number,
     also: [StoreKey, unknown][] = [],
+    soon = false,
   ): Promise<boolean> {
-    return this.#writes.setIf(key, expected, value, ttlMs, also);
+    return this.#writes.setIf(key, expected, value, ttlMs, also, soon);
   }
   async delete(key: StoreKey): Promise<void> {
-    await this.kv.delete(key);
+    await retrying(() => this.kv.delete(key));
   }
   close(): void {
     this.kv.close();
@@ -1284,14 +1338,18 @@ export class DenoKvStore implements Store {
 
   async #commitOne(w: KvWrite): Promise<void> {
     try {
-      const op = this.kv.atomic();
-      if (w.checked) {
-        const current = await this.kv.get(w.key);
-        if (!sameValue(current.value, w.expected)) return w.done(false);
-        op.check(current);
-      }
-      setAll(op, w);
-      w.done((await op.commit()).ok);
+      w.done(
+        await retrying(async () => {
+          const op = this.kv.atomic();
+          if (w.checked) {
+            const current = await this.kv.get(w.key);
+            if (!sameValue(current.value, w.expected)) return false;
+            op.check(current);
+          }
+          setAll(op, w);
+          return (await op.commit()).ok;
+        }),
+      );
     } catch (e) {
       w.fail(e);
     }
@@ -1333,19 +1391,35 @@ export class SqliteStore implements Store {
   }
 
   get<T>(key: StoreKey): Promise<T | null> {
-    return Promise.resolve(this.read(JSON.stringify(key)) as T | null);
+    return retrying(() => this.read(JSON.stringify(key)) as T | null);
   }
   set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
     return this.#writes.set(key, value, ttlMs);
   }
-  setIf(key: StoreKey, expected: unknown, value: unknown, ttlMs: number, also: [StoreKey, unknown][] = []) {
-    return this.#writes.setIf(key, expected, value, ttlMs, also);
+  setIf(
+    key: StoreKey,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also: [StoreKey, unknown][] = [],
+    soon = false,
+  ) {
+    return this.#writes.setIf(key, expected, value, ttlMs, also, soon);
   }
 
   #writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
 
+  async #commit(batch: KvWrite[]): Promise<void> {
+    try {
+      const applied = await retrying(() => this.#transaction(batch));
+      batch.forEach((w, i) => w.done(applied[i]));
+    } catch (e) {
+      for (const w of batch) w.fail(e);
+    }
+  }
+
   /** One transaction for the whole batch: each write's check sees the writes before it. */
-  #commit(batch: KvWrite[]): Promise<void> {
+  #transaction(batch: KvWrite[]): boolean[] {
     try {
       this.db.exec("BEGIN IMMEDIATE");
       const applied = batch.map((w) => {
@@ -1356,18 +1430,16 @@ export class SqliteStore implements Store {
         return true;
       });
       this.db.exec("COMMIT");
-      batch.forEach((w, i) => w.done(applied[i]));
+      return applied;
     } catch (e) {
       try {
         this.db.exec("ROLLBACK");
       } catch { /* no transaction was open */ }
-      for (const w of batch) w.fail(e);
+      throw e;
     }
-    return Promise.resolve();
   }
   delete(key: StoreKey): Promise<void> {
-    this.db.query("DELETE FROM kv WHERE k = ?").run(JSON.stringify(key));
-    return Promise.resolve();
+    return retrying(() => void this.db.query("DELETE FROM kv WHERE k = ?").run(JSON.stringify(key)));
   }
   close(): void {
     clearInterval(this.sweeper);
@@ -1386,6 +1458,8 @@ export class ConversationStore {
   /** The last write in flight per key. */
   private queued = new Map<string, Promise<void>>();
   private warned = new Set<string>();
+  /** Claims this process holds: the claimed head → its key. */
+  private claims = new Map<Head, StoreKey>();
 
   constructor(private store: Store, private ttlMs: number, private warn: (msg: string) => void) {}
 
@@ -1453,10 +1527,45 @@ export class ConversationStore {
   /** Moves a conversation's head from `from` to `to` (with `also`); false if another turn got there first. */
   async advance(key: StoreKey, from: Head | null, to: Head, also: [StoreKey, unknown][]): Promise<boolean> {
     try {
-      return await this.store.setIf(key, from, to, this.ttlMs, also);
+      const moved = await this.store.setIf(key, from, to, this.ttlMs, also);
+      if (moved && from) this.claims.delete(from);
+      return moved;
     } catch (e) {
       this.failed("write", e);
       return false;
+    }
+  }
+
+  /**
+   * Claims the conversation at `head` for one turn, for at most `ms`: a check-and-set on the head, so
+   * of two requests continuing one chat, in any processes sharing the store, one wins and the other
+   * branches. The claimed head is what the turn's record moves on from; null if the head moved or is held.
+   */
+  async claim(key: StoreKey, head: Head, ms: number): Promise<Head | null> {
+    // After this process's own write of that head, or its check would meet the head before it.
+    await this.queued.get(key.join("\u0000"));
+    const claimed: Head = { f: head.f, u: head.u, c: { by: crypto.randomUUID(), until: Date.now() + ms } };
+    try {
+      if (!(await this.store.setIf(key, head, claimed, this.ttlMs, [], true))) return null;
+    } catch (e) {
+      this.failed("write", e);
+      return null;
+    }
+    this.claims.set(claimed, key);
+    return claimed;
+  }
+
+  /** Ends a claim: a turn that recorded nothing (failed, abandoned) leaves the head continuable as it was. */
+  async release(claimed: Head): Promise<void> {
+    const key = this.claims.get(claimed);
+    if (!key) return;
+    // After the turn's own record, which moves the head on and ends the claim with it.
+    await this.queued.get(key.join("\u0000"));
+    if (!this.claims.delete(claimed)) return;
+    try {
+      await this.store.setIf(key, claimed, { f: claimed.f, u: claimed.u }, this.ttlMs);
+    } catch (e) {
+      this.failed("write", e);
     }
   }
 
@@ -1539,9 +1648,94 @@ export function fingerprint(system: string, messages: { role: string; text: stri
   return sha256(parts.join("\u0000")).toString("base64").slice(0, 32);
 }
 
+/**
+ * The fingerprint of a chat whose last message, the answer, arrives in pieces: each piece is
+ * normalised as `fingerprintText` would normalise the whole, and hashed at once, so a streamed
+ * answer need not be kept. `digest()` equals `fingerprint(system, [...messages, answer])`.
+ */
+export class AnswerPrint {
+  #hash: ReturnType<typeof createHash>;
+  /** Raw text not yet hashed: a possible start of `<think>`, or a block not closed yet. */
+  #held = "";
+  #inThink = false;
+  /** Whitespace right after a `</think>` goes with the block. */
+  #afterThink = false;
+  /** A whitespace run waits: it becomes one space only if text follows (trimmed at the end). */
+  #space = false;
+  #started = false;
+
+  constructor(system: string, messages: { role: string; text: string }[], role = "assistant") {
+    const parts = [fingerprintText(system)];
+    for (const m of messages) parts.push(m.role, fingerprintText(m.text));
+    parts.push(role, "");
+    this.#hash = createHash("sha256").update(parts.join("\u0000"));
+  }
+
+  push(text: string): void {
+    let rest = this.#held + text;
+    this.#held = "";
+    while (rest) {
+      if (this.#inThink) {
+        const close = rest.indexOf("</think>", 7);
+        // Unclosed so far: kept whole, since an answer that never closes it keeps it as text.
+        if (close < 0) return void (this.#held = rest);
+        rest = rest.slice(close + 8);
+        this.#inThink = false;
+        this.#afterThink = true;
+        continue;
+      }
+      const open = rest.indexOf("<think>");
+      if (open >= 0) {
+        this.#plain(rest.slice(0, open));
+        rest = rest.slice(open);
+        this.#inThink = true;
+        continue;
+      }
+      const partial = partialTagAt(rest, "<think>");
+      this.#plain(rest.slice(0, rest.length - partial));
+      this.#held = rest.slice(rest.length - partial);
+      return;
+    }
+  }
+
+  digest(): string {
+    this.#plain(this.#held);
+    this.#held = "";
+    return this.#hash.digest("base64").slice(0, 32);
+  }
+
+  /** Text outside think blocks: each whitespace run as one space, none at the start or the end. */
+  #plain(text: string): void {
+    if (this.#afterThink) {
+      text = text.replace(/^\s+/, "");
+      if (!text) return;
+      this.#afterThink = false;
+    }
+    let spaced = text.replace(/\s+/g, " ");
+    if (spaced.startsWith(" ")) {
+      spaced = spaced.slice(1);
+      if (this.#started) this.#space = true;
+    }
+    if (!spaced) return;
+    const trailing = spaced.endsWith(" ");
+    if (trailing) spaced = spaced.slice(0, -1);
+    this.#hash.update(this.#space ? " " + spaced : spaced);
+    this.#space = trailing;
+    this.#started = true;
+  }
+}
+
+/** How many characters at the end of `text` could be the start of `tag`. */
+function partialTagAt(text: string, tag: string): number {
+  for (let n = Math.min(tag.length - 1, text.length); n > 0; n--) {
+    if (tag.startsWith(text.slice(-n))) return n;
+  }
+  return 0;
+}
+
 /** Where a request's conversation came from; decides what is stored after the turn. */
 export interface Resolution {
-  via: "explicit" | "session" | "history" | "user" | "new";
+  via: "explicit" | "response" | "session" | "history" | "user" | "new";
   conversationId?: string;
   user: string;
   /** The head this turn continues (history mode), for the check-and-set after the turn. */
@@ -1580,6 +1774,12 @@ export async function resolveConversation(
     }
     return { via: "explicit", conversationId: req.conversationId, user: req.user ?? owner?.u ?? fallbackUser, head };
   }
+  if (req.previousResponseId) {
+    // Scoped like every key: another client's response id is not found, exactly like an unknown one.
+    const stored = await store.get<StoredResponse>(storeKeys.response(client, scope, req.previousResponseId));
+    if (!stored) throw responseNotFound(req.previousResponseId, "previous_response_id");
+    return { via: "response", conversationId: stored.c, user: stored.u, head: null };
+  }
   if (req.sessionId) {
     const b = await store.get<Binding>(storeKeys.session(client, scope, req.sessionId));
     return b ? { via: "session", conversationId: b.c, user: b.u, head: null } : fresh;
@@ -1595,10 +1795,21 @@ export async function resolveConversation(
   if (!b || continuing.has(b.c)) return fresh;
   const head = await store.get<Head>(storeKeys.head(client, scope, b.c));
   // Only the latest turn continues a conversation: a regenerate or an edit branches off.
-  if (head?.f !== fp || continuing.has(b.c)) return fresh;
-  // Claimed here, after the last await: a twin request resolving at the same time branches.
+  if (head?.f !== fp || continuing.has(b.c) || claimHeld(head)) return fresh;
+  // Claimed here, after the last await: a twin request resolving at the same time branches. The
+  // store's claim does the same across processes sharing it.
   continuing.add(b.c);
-  return { via: "history", conversationId: b.c, user: b.u, head };
+  const claimed = await store.claim(storeKeys.head(client, scope, b.c), head, claimMs(config));
+  if (!claimed) {
+    continuing.delete(b.c);
+    return fresh;
+  }
+  return { via: "history", conversationId: b.c, user: b.u, head: claimed };
+}
+
+/** How long a claim holds a conversation: past the answer deadline, a crashed process's claim ends. */
+function claimMs(config: Config): number {
+  return (config.answerTimeoutMs || config.upstreamTimeoutMs + config.upstreamIdleMs) + config.shutdownGraceMs;
 }
 
 /**
@@ -1613,6 +1824,7 @@ export function recordTurn(
   client: string,
   res: Resolution,
   t: Translation,
+  print?: AnswerPrint,
 ): void {
   const conversation = t.conversationId;
   if (!conversation || r.type === "workflow" || r.type === "completion") return;
@@ -1626,8 +1838,10 @@ export function recordTurn(
   if (config.conversationMode !== "history") {
     return void store.set(storeKeys.owner(client, scope, conversation), binding);
   }
-  const answer: Message = { role: "assistant", text: t.content, files: [] };
-  const fp = fingerprint(turn.system, [...turn.history, ...turn.current, answer]);
+  const fp = print ? print.digest() : fingerprint(turn.system, [...turn.history, ...turn.current, {
+    role: "assistant",
+    text: t.content,
+  }]);
   const headKey = storeKeys.head(client, scope, conversation);
   const fpKey = storeKeys.fingerprint(client, scope, fp);
   const head: Head = { f: fp, u: res.user };
@@ -1648,8 +1862,34 @@ export function recordTurn(
 }
 
 /** The turn is over (answered, failed or abandoned): another request may continue its conversation. */
-export function releaseConversation({ continuing }: ConversationContext, res: Resolution): void {
+export function releaseConversation({ continuing, store }: ConversationContext, res: Resolution): void {
   if (res.via === "history" && res.conversationId) continuing.delete(res.conversationId);
+  if (res.via === "history" && res.head) store.release(res.head);
+}
+
+/** A response the bridge answered: its conversation and Dify user (`previous_response_id`), and the object (GET). */
+export interface StoredResponse {
+  c?: string;
+  u: string;
+  /** The `response` object as JSON text (a string costs the store less than an object), unless it was too large. */
+  o?: string;
+}
+
+/** The largest `response` object kept for `GET /v1/responses/{id}`: a Deno KV value holds at most 64 KiB. */
+export const RESPONSE_OBJECT_BYTES = 60 * 1024;
+
+export function responseNotFound(id: string, param: string | null = null): ApiError {
+  return apiError("response_not_found", `response ${preview(id)} not found`, { param });
+}
+
+/** What is stored for a response: always its conversation, the object too when it fits in one store value. */
+export function storedResponse(conversation: string | undefined, user: string, object: unknown): StoredResponse {
+  const stored: StoredResponse = { u: user };
+  if (conversation) stored.c = conversation;
+  const json = JSON.stringify(object);
+  const bytes = json.length * 3 <= RESPONSE_OBJECT_BYTES ? json.length : textEncoder.encode(json).length;
+  if (bytes <= RESPONSE_OBJECT_BYTES) stored.o = json;
+  return stored;
 }
 
 // ─── Dify client ────────────────────────────────────────────────────────────────────────────────
@@ -2097,9 +2337,16 @@ export interface Sink {
 export interface Translation {
   type: AppType;
   stream: boolean;
-  /** Exactly the content the client has been sent (or will get, when aggregated). */
+  /**
+   * Exactly the content the client has been sent (or will get, when aggregated) — or, when `keep`
+   * is false, only its last characters: a streamed answer is not held in memory.
+   */
   content: string;
   reasoning: string;
+  /** Whole texts are kept (an aggregate, a format that repeats them at the end, LOG_CONTENT). */
+  keep: boolean;
+  /** Also receives every piece of content (the streamed answer's fingerprint). */
+  tap?: (text: string) => void;
   /** UTF-8 bytes of content and reasoning so far, against MAX_ANSWER_BYTES. */
   bytes: number;
   usage?: Usage;
@@ -2130,8 +2377,27 @@ export interface HumanForm {
   actions: string[];
 }
 
-export function newTranslation(type: AppType, stream: boolean): Translation {
-  return { type, stream, content: "", reasoning: "", bytes: 0, ended: false, thoughts: new Map(), thinkOpen: false };
+export function newTranslation(type: AppType, stream: boolean, keep = !stream): Translation {
+  return {
+    type,
+    stream,
+    content: "",
+    reasoning: "",
+    keep,
+    bytes: 0,
+    ended: false,
+    thoughts: new Map(),
+    thinkOpen: false,
+  };
+}
+
+/** What a translation that does not keep its texts remembers of them: enough to see how one ends. */
+const TEXT_TAIL = 16;
+
+function addContent(t: Translation, text: string): void {
+  t.content = t.keep ? t.content + text : (t.content + text).slice(-TEXT_TAIL);
+  t.bytes += utf8Length(text);
+  t.tap?.(text);
 }
 
 export interface TranslateOptions {
@@ -2157,28 +2423,29 @@ function utf8Length(text: string): number {
 function closeThink(t: Translation, sink: Sink): void {
   if (!t.thinkOpen) return;
   t.thinkOpen = false;
-  t.content += "\n</think>\n\n";
+  addContent(t, "\n</think>\n\n");
   sink.content("\n</think>\n\n");
 }
 
 function emitContent(t: Translation, sink: Sink, text: string): void {
   if (!text) return;
   closeThink(t, sink);
-  t.content += text;
-  t.bytes += utf8Length(text);
+  addContent(t, text);
   sink.content(text);
 }
 
 function emitReasoning(t: Translation, sink: Sink, text: string, mode: Config["reasoning"]): void {
   if (!text || mode === "off") return;
-  t.reasoning += text;
-  t.bytes += utf8Length(text);
-  if (mode === "reasoning_content") return sink.reasoning(text);
+  t.reasoning = t.keep ? t.reasoning + text : (t.reasoning + text).slice(-TEXT_TAIL);
+  if (mode === "reasoning_content") {
+    t.bytes += utf8Length(text);
+    return sink.reasoning(text);
+  }
   if (!t.thinkOpen) {
     t.thinkOpen = true;
     text = "<think>\n" + text;
   }
-  t.content += text;
+  addContent(t, text);
   sink.content(text);
 }
 
@@ -2288,7 +2555,7 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
     }
     case "agent_thought": {
       const id = typeof ev.id === "string" ? ev.id : String(ev.position ?? "");
-      const text = thoughtText(ev, t.content);
+      const text = thoughtText(ev, t.agentText ?? t.content);
       const before = t.thoughts.get(id) ?? "";
       if (text === before || !text) return;
       t.thoughts.set(id, text);
@@ -2718,7 +2985,7 @@ export class DifyEvents {
     else if (!t.ended) {
       this.outcome = apiError(
         "incomplete_stream",
-        `Dify's stream ended before the answer was complete (${t.content.length} characters received, no message_end)`,
+        `Dify's stream ended before the answer was complete (${t.bytes} bytes of answer received, no message_end)`,
       );
     }
     return false;
@@ -2755,6 +3022,8 @@ export interface AnswerFormat {
   error(e: ApiError): string;
   /** The whole answer as one JSON body. */
   object(t: Translation): unknown;
+  /** `close` repeats the whole text (`t.content`, `t.reasoning`), so a stream must keep it. */
+  readonly keepsText?: boolean;
 }
 
 const CHUNK_TAIL = `},"logprobs":null,"finish_reason":null}]}\n\n`;
@@ -2824,13 +3093,16 @@ interface OutputItem {
   at: string;
 }
 
+/** Server-side failures a retry cannot fix: the same answer would be as large, or as slow, again. */
+const FINAL_SERVER_ERRORS = new Set(["answer_too_large", "answer_timeout"]);
+
 /**
  * The code of a failed response, as clients read it: Codex resends the request 5 more times after
  * `server_error` or `rate_limit_exceeded`, so only what a retry may fix (a 5xx, a 429) says so.
  */
 export function failedCode(e: ApiError): "server_error" | "rate_limit_exceeded" | "invalid_prompt" {
   if (e.status === 429) return "rate_limit_exceeded";
-  return e.status >= 500 ? "server_error" : "invalid_prompt";
+  return e.status >= 500 && !FINAL_SERVER_ERRORS.has(e.code ?? "") ? "server_error" : "invalid_prompt";
 }
 
 function responseUsage(u: Usage = NO_USAGE) {
@@ -2902,6 +3174,8 @@ export class ResponsesFormat implements AnswerFormat {
       );
   }
   object(t: Translation) {
+    // Built once: the stored copy and the client's body are the same object.
+    if (this.final) return this.final;
     const output: unknown[] = [];
     const suffix = this.id.slice(this.id.indexOf("_") + 1);
     if (this.reasoningItems && t.reasoning) {
@@ -3020,7 +3294,7 @@ export class ResponsesFormat implements AnswerFormat {
 // ─── Streaming an answer ────────────────────────────────────────────────────────────────────────
 
 /** Output frames not yet written, built by the answer's format from translated deltas. */
-class Frames implements Sink {
+export class Frames implements Sink {
   text: string;
 
   constructor(private format: AnswerFormat) {
@@ -3044,26 +3318,77 @@ class Frames implements Sink {
 
 /**
  * `holding`: nothing sent yet — an early Dify error can still be an HTTP status. `open`: the
- * response is out and Dify is read as the client reads. `closed`: ended, or the client left.
+ * response is out and Dify is read as the client takes the answer. `closed`: ended, or the client left.
  */
 type StreamState = "holding" | "open" | "closed";
 
+/** Where a streamed answer's bytes go: the response body, as the runtime makes it (see `Runtime.streamBody`). */
+export interface BodyWriter {
+  /** Queues bytes; the promise, if any, settles when the client has taken enough to make room for more. */
+  write(bytes: Uint8Array): Promise<void> | void;
+  /** A write now would not wait: keepalives go only into an empty pipe. */
+  ready(): boolean;
+  close(): void;
+  /** Ends the body abruptly (the client is not reading: a polite end would never be read either). */
+  error(reason: ApiError): void;
+}
+
+/** Makes a response body that calls `start` with its writer once the runtime wants bytes, and `cancel` if the client leaves. */
+export type StreamBody = (start: (writer: BodyWriter) => void, cancel: () => void) => ReadableStream<Uint8Array>;
+
+/** A standard pull stream (Deno): one chunk queued at most; the next pull means the client took it. */
+export const pullStreamBody: StreamBody = (start, cancel) => {
+  let room: (() => void) | undefined;
+  const free = () => {
+    const resolve = room;
+    room = undefined;
+    resolve?.();
+  };
+  return new ReadableStream<Uint8Array>({
+    start(c) {
+      start({
+        write(bytes) {
+          c.enqueue(bytes);
+          if ((c.desiredSize ?? 1) <= 0) return new Promise<void>((resolve) => room = resolve);
+        },
+        ready: () => (c.desiredSize ?? 0) > 0,
+        close() {
+          try {
+            c.close();
+          } catch { /* the client is gone */ }
+        },
+        error(reason) {
+          try {
+            c.error(reason);
+          } catch { /* the client is gone */ }
+          free();
+        },
+      });
+    },
+    pull: free,
+    cancel() {
+      free();
+      cancel();
+    },
+  });
+};
+
 /**
  * The life of one streamed answer. Held until the answer says something, fails, or the keepalive
- * time passes; then open, pull-driven: Dify is read only when the client has taken what came
- * before, so a client that stops reading stops the reading of Dify and holds one chunk at most;
+ * time passes; then open: one loop writes the frames and reads Dify again only once the client has
+ * taken them, so a client that stops reading stops the reading of Dify and holds one chunk at most;
  * then closed by the format's closing frames, an error frame, or the client leaving.
  */
 export class AnswerStream {
   #state: StreamState = "holding";
   #frames: Frames;
-  /** The read of Dify in flight: the hold may end while one is, and the first pull takes it over. */
+  /** The read of Dify in flight: the hold may end while one is, and the writing loop takes it over. */
   #reading?: Promise<boolean>;
   #commit!: () => void;
   #committed = new Promise<boolean>((resolve) => this.#commit = () => resolve(true));
-  #controller?: ReadableStreamDefaultController<Uint8Array>;
-  /** A pull is running: it will see whatever ends the answer. */
-  #pulling = false;
+  #writer?: BodyWriter;
+  /** The writing loop waits for the client to take what it was sent. */
+  #waitingForClient = false;
   #end!: (error: ApiError | undefined) => void;
   /** Settles once the answer is over and nothing more will be written: the error it ended with, if any. */
   readonly ended = new Promise<ApiError | undefined>((resolve) => this.#end = resolve);
@@ -3088,24 +3413,23 @@ export class AnswerStream {
     while (this.#state === "holding") {
       const more = await Promise.race([this.#read(), this.#committed]);
       if (this.#state !== "holding") break;
-      if (!more && this.events.outcome && !t.content && !t.reasoning) {
+      if (!more && this.events.outcome && !t.bytes) {
         this.#state = "closed";
         this.#end(this.events.outcome);
         return this.events.outcome;
       }
-      if (!more || t.content || t.reasoning || t.ended) this.#state = "open";
+      if (!more || t.bytes || t.ended) this.#state = "open";
     }
     // The client left while the answer was held: it gets nothing, `ended` settles when Dify's task is stopped.
     return this.#state === "closed" ? CLIENT_GONE : undefined;
   }
 
-  /** The response body: frames as the client reads them. */
-  body(): ReadableStream<Uint8Array> {
-    return new ReadableStream<Uint8Array>({
-      start: (c) => void (this.#controller = c),
-      pull: (c) => this.#pull(c),
-      cancel: () => this.leave(),
-    });
+  /** The response body, written by one loop: frames out, then Dify read again once the client took them. */
+  body(make: StreamBody): ReadableStream<Uint8Array> {
+    return make((writer) => {
+      this.#writer = writer;
+      this.#run(writer);
+    }, () => this.leave());
   }
 
   /** The client is gone: nothing more is written; Dify's task is stopped as soon as it is named. */
@@ -3114,7 +3438,7 @@ export class AnswerStream {
     this.#state = "closed";
     this.ex.stalledSince = undefined;
     this.ex.leave(this.events.t.taskId);
-    // No client pulls any more: read on until Dify names its task (or the watchdog's grace ends).
+    // Nobody reads for the client any more: read on until Dify names its task (or the watchdog's grace ends).
     (async () => {
       while (!this.ex.upstream.signal.aborted && await this.#read());
       this.#end(this.events.outcome ?? CLIENT_GONE);
@@ -3125,65 +3449,60 @@ export class AnswerStream {
     return this.#reading ??= this.events.next().finally(() => this.#reading = undefined);
   }
 
-  async #pull(c: ReadableStreamDefaultController<Uint8Array>): Promise<void> {
-    this.ex.stalledSince = undefined;
-    this.#pulling = true;
-    try {
-      while (this.#state === "open") {
-        const text = this.#frames.take();
-        if (text) {
-          this.#write(c, text);
-          // Dify is not read again until the client takes this: if it never does, the watchdog drops it.
-          if ((c.desiredSize ?? 1) <= 0) this.ex.stalledSince = this.ex.lastWrite;
-          return;
-        }
-        const more = await this.#read();
-        if (this.#state !== "open") return;
-        if (!more) return this.#close(c);
+  async #run(writer: BodyWriter): Promise<void> {
+    while (this.#state === "open") {
+      const text = this.#frames.take();
+      if (text) {
+        await this.#write(writer, text);
+        continue;
       }
-    } finally {
-      this.#pulling = false;
+      const more = await this.#read();
+      if (this.#state !== "open") return;
+      if (!more) return this.#close(writer);
     }
   }
 
-  #write(c: ReadableStreamDefaultController<Uint8Array>, text: string): void {
+  async #write(writer: BodyWriter, text: string): Promise<void> {
+    let room: Promise<void> | void;
     try {
-      c.enqueue(textEncoder.encode(text));
-      this.ex.lastWrite = this.ex.now();
+      room = writer.write(textEncoder.encode(text));
     } catch {
-      this.leave();
+      return this.leave();
     }
+    this.ex.lastWrite = this.ex.now();
+    if (!room) return;
+    // Dify is not read again until the client takes this: if it never does, the watchdog drops it.
+    this.ex.stalledSince = this.ex.lastWrite;
+    this.#waitingForClient = true;
+    await room;
+    this.#waitingForClient = false;
+    this.ex.stalledSince = undefined;
   }
 
   /** Dify's answer is over: the format's closing frames, or an error frame after what was said. */
-  #close(c: ReadableStreamDefaultController<Uint8Array>): void {
+  #close(writer: BodyWriter): void {
     const error = this.events.outcome;
     let text = this.#frames.take();
     if (!error) {
       finishTranslation(this.events.t, this.#frames);
       text += this.#frames.take() + this.format.close(this.events.t);
     } else if (error.code !== "client_closed") text += this.format.error(error);
-    this.#write(c, text);
     this.#state = "closed";
     try {
-      c.close();
+      writer.write(textEncoder.encode(text));
+      writer.close();
     } catch { /* the client is gone */ }
     this.#end(error);
   }
 
-  /** A limit, the watchdog or shutdown ended the call while no pull was running to notice. */
-  async #aborted(): Promise<void> {
-    const c = this.#controller;
-    if (this.#state !== "open" || this.#pulling || !c) return;
+  /** A limit, the watchdog or shutdown ended the call while the loop waits for a client that does not read. */
+  #aborted(): void {
+    if (this.#state !== "open" || !this.#waitingForClient) return;
     const reason = this.ex.upstream.signal.reason as ApiError;
-    if (reason.code === "client_stalled") {
-      // It has not taken what it was sent: closing politely would leave the connection to it open.
-      this.#state = "closed";
-      c.error(reason);
-      return this.#end(reason);
-    }
-    await this.#read();
-    if (this.#state === "open") this.#close(c);
+    this.#state = "closed";
+    this.ex.stalledSince = undefined;
+    this.#writer?.error(reason);
+    this.#end(reason);
   }
 
   /** The watchdog's call when nothing was written for KEEPALIVE_SECONDS. */
@@ -3193,9 +3512,12 @@ export class AnswerStream {
       this.#commit();
       return;
     }
-    const c = this.#controller;
-    // Only into an empty queue: a client that does not read gets no keepalives piling up.
-    if (this.#state === "open" && c && (c.desiredSize ?? 0) > 0) this.#write(c, ": keepalive\n\n");
+    const writer = this.#writer;
+    if (this.#state !== "open" || !writer?.ready()) return;
+    try {
+      writer.write(textEncoder.encode(": keepalive\n\n"));
+      this.ex.lastWrite = this.ex.now();
+    } catch { /* the loop will see the client is gone */ }
   }
 }
 
@@ -3209,7 +3531,7 @@ const CORS_HEADERS: Readonly<Record<string, string>> = {
   "access-control-allow-origin": "*",
   "access-control-allow-methods": "GET, POST, DELETE, OPTIONS",
   "access-control-allow-headers":
-    "authorization, content-type, x-session-id, x-dify-conversation-id, x-openwebui-chat-id, openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout",
+    "authorization, content-type, x-session-id, session-id, session_id, thread-id, x-session-affinity, x-client-request-id, x-dify-conversation-id, x-openwebui-chat-id, openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout",
   "access-control-expose-headers": "x-dify-conversation-id, x-request-id",
   "access-control-max-age": "86400",
 };
@@ -3376,6 +3698,266 @@ function methodNotAllowed(allowed: string): ApiError {
   return apiError("method_not_allowed", `method not allowed; use ${allowed}`, { headers: { allow: allowed } });
 }
 
+// ─── Metrics ────────────────────────────────────────────────────────────────────────────────────
+// What `GET /metrics` shows, in Prometheus' text format. Counting costs a map lookup or two per
+// request; the text is only built when scraped.
+
+/** Upper bounds, in seconds, of the latency histograms' buckets. */
+const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
+/** The most label sets one metric keeps: some label values come from clients (models, error codes). */
+const MAX_SERIES = 1000;
+const OVERFLOW = "other";
+
+/** One metric: its series by label values; a series holds a counter's value, or a histogram's cells. */
+class MetricFamily {
+  readonly #series = new Map<string, { values: string[]; cells: number[] }>();
+
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    readonly labels: string[],
+    /** A histogram's bucket bounds; none: a counter. */
+    readonly buckets?: number[],
+  ) {}
+
+  /** A histogram's cells: the count per bucket (not cumulative), then the overflow bucket, the sum and the count. */
+  #cells(values: string[]): number[] {
+    const key = values.join("\u0000");
+    let series = this.#series.get(key);
+    if (!series) {
+      const full = this.#series.size >= MAX_SERIES;
+      if (full && values.some((v) => v !== OVERFLOW)) return this.#cells(values.map(() => OVERFLOW));
+      series = { values, cells: new Array(this.buckets ? this.buckets.length + 3 : 1).fill(0) };
+      this.#series.set(key, series);
+    }
+    return series.cells;
+  }
+
+  add(values: string[], n = 1): void {
+    this.#cells(values)[0] += n;
+  }
+
+  observe(values: string[], value: number): void {
+    const bounds = this.buckets!;
+    const cells = this.#cells(values);
+    let i = 0;
+    while (i < bounds.length && value > bounds[i]) i++;
+    cells[i]++;
+    cells[bounds.length + 1] += value;
+    cells[bounds.length + 2]++;
+  }
+
+  render(): string {
+    const type = this.buckets ? "histogram" : "counter";
+    let text = `# HELP ${this.name} ${this.help}\n# TYPE ${this.name} ${type}\n`;
+    for (const { values, cells } of this.#series.values()) {
+      const labels = this.labels.map((l, i) => `${l}="${labelValue(values[i])}"`);
+      if (!this.buckets) {
+        text += `${this.name}{${labels.join(",")}} ${cells[0]}\n`;
+        continue;
+      }
+      let cumulative = 0;
+      for (let i = 0; i <= this.buckets.length; i++) {
+        cumulative += cells[i];
+        const le = i < this.buckets.length ? String(this.buckets[i]) : "+Inf";
+        text += `${this.name}_bucket{${[...labels, `le="${le}"`].join(",")}} ${cumulative}\n`;
+      }
+      const n = this.buckets.length;
+      text += `${this.name}_sum{${labels.join(",")}} ${cells[n + 1]}\n${this.name}_count{${labels.join(",")}} ${
+        cells[n + 2]
+      }\n`;
+    }
+    return text;
+  }
+}
+
+/** A label value as the text format writes it: backslash, double quote and line feed escaped. */
+function labelValue(v: string): string {
+  return v.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`));
+}
+
+/** The route a request path counts under: a known route's template, or `other` (paths are the client's). */
+export function routeLabel(pathname: string): string {
+  const path = pathname.replace(/\/+$/, "").replace(/^\/v1(?=\/|$)/, "") || "/";
+  if (path === "/health") return "/healthz";
+  if (["/", "/healthz", "/metrics"].includes(path)) return path;
+  if (["/chat/completions", "/responses", "/models", "/audio/transcriptions", "/audio/speech"].includes(path)) {
+    return `/v1${path}`;
+  }
+  if (path.startsWith("/responses/")) return "/v1/responses/{id}";
+  if (path.startsWith("/models/")) return "/v1/models";
+  if (path.startsWith("/conversations/")) return "/v1/conversations/{user}";
+  return OVERFLOW;
+}
+
+/** What an answer's log entry says, as the metrics read it. */
+interface AnsweredEntry {
+  path?: unknown;
+  model?: unknown;
+  status?: unknown;
+  ms?: unknown;
+  ttft_ms?: unknown;
+  conversation_via?: unknown;
+  recovered?: unknown;
+}
+
+/** Metrics whose model label is a served model id, or the catch-all app's for any other name (names are the client's). */
+export function metricsFor(config: Config): Metrics {
+  const fallback = config.catchAll?.model ?? OVERFLOW;
+  return new Metrics((model) => (config.apps.has(model) ? model : fallback));
+}
+
+/** The bridge's counters and histograms, bumped by the server as requests are answered. */
+export class Metrics {
+  #requests = new MetricFamily(
+    "dify_openai_requests_total",
+    "HTTP requests by route and response status.",
+    ["route", "status"],
+  );
+  #answers = new MetricFamily(
+    "dify_openai_answers_total",
+    "Answers (chat completions, responses) by route, model and status; a stream that failed after it began counts under its error's status.",
+    ["route", "model", "status"],
+  );
+  #firstByte = new MetricFamily(
+    "dify_openai_time_to_first_byte_seconds",
+    "From the request to the first byte of the answer's content (stream: false: to the whole answer).",
+    ["route", "model"],
+    LATENCY_BUCKETS,
+  );
+  #lastByte = new MetricFamily(
+    "dify_openai_time_to_last_byte_seconds",
+    "From the request to the answer's last byte.",
+    ["route", "model"],
+    LATENCY_BUCKETS,
+  );
+  #errors = new MetricFamily(
+    "dify_openai_errors_total",
+    "Errors by code: Dify's own (dify_<status> when Dify names none) and the bridge's (upstream_timeout, invalid_request_error, ...).",
+    ["code"],
+  );
+  #tokens = new MetricFamily(
+    "dify_openai_tokens_total",
+    "Tokens Dify reported per model: in = prompt, out = completion.",
+    ["model", "direction"],
+  );
+  #storeWrites = new MetricFamily(
+    "dify_openai_store_writes_total",
+    "Conversation store writes by operation and result (ok, failed).",
+    ["op", "result"],
+  );
+  #conversations = new MetricFamily(
+    "dify_openai_conversations_total",
+    "Answered turns by conversation: started (new), continued (found by history, user, session, explicit id or response id), recovered (Dify had lost it: started again with the history).",
+    ["outcome", "via"],
+  );
+  /** Answers in flight (the server sets it). */
+  openStreams: () => number = () => 0;
+
+  /** `model` as a label: the served model ids, or any name the catch-all app answers to. */
+  constructor(private modelLabel: (model: string) => string = (model) => model) {}
+
+  /** `handler`, with every request counted by route and status. */
+  counted(handler: (req: Request) => Promise<Response>): (req: Request) => Promise<Response> {
+    return async (req) => {
+      const res = await handler(req);
+      this.#requests.add([routeLabel(requestPath(req.url)), String(res.status)]);
+      return res;
+    };
+  }
+
+  /** One answer is over (its log line is written): its status, times, tokens, error and conversation. */
+  answered(entry: AnsweredEntry, t: Translation, error?: ApiError): void {
+    const route = routeLabel(String(entry.path ?? ""));
+    const model = this.modelLabel(String(entry.model ?? ""));
+    this.#answers.add([route, model, String(entry.status ?? error?.status ?? 200)]);
+    if (typeof entry.ttft_ms === "number") this.#firstByte.observe([route, model], entry.ttft_ms / 1000);
+    if (typeof entry.ms === "number") this.#lastByte.observe([route, model], entry.ms / 1000);
+    if (error) this.#errors.add([error.code ?? error.type]);
+    if (t.usage) {
+      this.#tokens.add([model, "in"], t.usage.prompt_tokens || 0);
+      this.#tokens.add([model, "out"], t.usage.completion_tokens || 0);
+    }
+    if (typeof entry.conversation_via === "string") {
+      const via = entry.conversation_via;
+      const outcome = entry.recovered ? "recovered" : via === "new" ? "started" : "continued";
+      this.#conversations.add([outcome, via]);
+    }
+  }
+
+  /** A request failed before any answer: its error, by code. */
+  failed(error: ApiError): void {
+    this.#errors.add([error.code ?? error.type]);
+  }
+
+  /** `store`, with its writes counted (a check-and-set that lost to another writer is not a failure). */
+  countWrites(store: Store): Store {
+    const count = <T>(op: string, write: () => Promise<T>): Promise<T> => {
+      let pending: Promise<T>;
+      try {
+        pending = write();
+      } catch (e) {
+        pending = Promise.reject(e);
+      }
+      return pending.then((value) => {
+        this.#storeWrites.add([op, "ok"]);
+        return value;
+      }, (e) => {
+        this.#storeWrites.add([op, "failed"]);
+        throw e;
+      });
+    };
+    return {
+      get: <T>(key: StoreKey) => store.get<T>(key),
+      set: (key, value, ttlMs) => count("set", () => store.set(key, value, ttlMs)),
+      setIf: (key, expected, value, ttlMs, also, soon) =>
+        count("set_if", () => store.setIf(key, expected, value, ttlMs, also, soon)),
+      delete: (key) => count("delete", () => store.delete(key)),
+      close: () => store.close(),
+    };
+  }
+
+  /** Everything counted, in Prometheus' text exposition format (0.0.4). */
+  text(): string {
+    const open = "# HELP dify_openai_open_streams Answers in flight.\n# TYPE dify_openai_open_streams gauge\n" +
+      `dify_openai_open_streams ${this.openStreams()}\n`;
+    const families = [
+      this.#requests,
+      this.#answers,
+      this.#firstByte,
+      this.#lastByte,
+      this.#errors,
+      this.#tokens,
+      this.#storeWrites,
+      this.#conversations,
+    ];
+    return open + families.map((f) => f.render()).join("");
+  }
+
+  /**
+   * `GET /metrics`: with METRICS_KEY set, only that key; otherwise the keys of every route
+   * (`authenticate` throws for a wrong one).
+   */
+  respond(req: Request, metricsKey: string | undefined, authenticate: (req: Request) => unknown): Response {
+    if (req.method !== "GET" && req.method !== "HEAD") throw methodNotAllowed("GET");
+    if (metricsKey) {
+      const token = bearerToken(req);
+      if (!token || !sameBytes(sha256(token), sha256(metricsKey))) {
+        throw apiError(
+          "invalid_api_key",
+          token ? "invalid metrics key" : "missing metrics key: send Authorization: Bearer <METRICS_KEY>",
+          {
+            headers: { "www-authenticate": "Bearer" },
+          },
+        );
+      }
+    } else authenticate(req);
+    return new Response(req.method === "HEAD" ? null : this.text(), {
+      headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8", "cache-control": "no-store" },
+    });
+  }
+}
+
 // ─── The bridge: routes, and one chat completion from request to answer ─────────────────────────
 
 export interface Deps {
@@ -3386,7 +3968,11 @@ export interface Deps {
   fetch: typeof fetch;
   /** How Dify's body is read: a BYOB reader on Deno, the default reader on Bun. */
   bodyReader: (body: ReadableStream<Uint8Array>) => ChunkReader;
+  /** How a streamed answer's body is made: a pull stream on Deno, a direct stream on Bun. */
+  streamBody?: StreamBody;
   now: () => number;
+  /** Counts for `GET /metrics` (none: no such route). */
+  metrics?: Metrics;
 }
 
 const NO_SINK: Sink = { content() {}, reasoning() {}, ping() {} };
@@ -3399,6 +3985,8 @@ export interface Ask {
   token?: string;
   entry: LogEntry;
   format: AnswerFormat;
+  /** Called once the answer is complete, beside the turn's record (Responses: stores the response). */
+  recorded?: (r: Route, res: Resolution, t: Translation) => void;
 }
 
 export function createServer(config: Config, deps: Deps) {
@@ -3409,7 +3997,9 @@ export function createServer(config: Config, deps: Deps) {
   /** The served model ids; with only DIFY_API_KEY, the one name every model routes to. */
   const modelIds = config.catchAll ? [config.catchAll.model] : [...config.apps.keys()];
   const conversations: ConversationContext = { config, store: deps.store, continuing: new Set() };
+  const parameters = new ParametersCache(deps.fetch, deps.now);
   let active = 0;
+  if (deps.metrics) deps.metrics.openStreams = () => active;
 
   /** Accepted tokens → client id, so a hash is computed once per key rather than per request. */
   const accepted = new Map<string, string>();
@@ -3502,6 +4092,193 @@ export function createServer(config: Config, deps: Deps) {
     return await answer(req, { request, client, token, entry, format });
   }
 
+  /** `POST /v1/responses`: the same answer, written as the Responses API's events and objects. */
+  async function responses(req: Request, entry: LogEntry): Promise<Response> {
+    const id = `resp_${crypto.randomUUID().replaceAll("-", "")}`;
+    entry.id = id;
+    const { client, token } = authenticate(req);
+    const body = await readJsonBody(req, config.bodyLimit, config.bodyTimeoutMs, watchdogDeadline);
+    const request = parseResponsesRequest(body, req.headers, config);
+    const format = new ResponsesFormat(
+      id,
+      Math.floor(Date.now() / 1000),
+      request.model,
+      request.echo,
+      config.reasoning === "reasoning_content",
+    );
+    // `store: false` (Codex) keeps nothing: the client resends its history, as OpenAI's API expects.
+    const recorded = (r: Route, res: Resolution, t: Translation) => {
+      const object = format.final ?? format.object(t);
+      deps.store.set(storeKeys.response(client, r.app.model, id), storedResponse(t.conversationId, res.user, object));
+    };
+    return await answer(req, { request, client, token, entry, format, recorded: request.store ? recorded : undefined });
+  }
+
+  /** `GET` or `DELETE /v1/responses/{id}`: a response this bridge stored for this client. */
+  async function storedResponseRoute(req: Request, id: string): Promise<Response> {
+    const { client, token } = authenticate(req);
+    if (req.method === "GET" && new URL(req.url).searchParams.get("stream") === "true") {
+      throw unsupported("stream", "a stored response is returned whole; its events are not replayed");
+    }
+    const keys = modelIds.map((scope) => storeKeys.response(client, scope, id));
+    const values = await Promise.all(keys.map((key) => deps.store.get<StoredResponse>(key)));
+    const found = values.findIndex(Boolean);
+    const stored = values[found];
+    if (!stored) throw responseNotFound(id);
+    if (req.method === "DELETE") {
+      // Forgetting for real (`?dify=true`, FORGET_AT_DIFY): the Dify conversation holding the text goes first.
+      const atDify = forgetsAtDify(req) && stored.c !== undefined;
+      const gone = atDify && await deleteAtDify(req, modelIds[found], token, { c: stored.c!, u: stored.u });
+      await deps.store.delete(keys[found]);
+      const dify = atDify ? { dify_deleted: gone ? [stored.c] : [] } : {};
+      return jsonResponse(200, { id, object: "response.deleted", deleted: true, ...dify });
+    }
+    if (stored.o === undefined) {
+      const why = `was over ${RESPONSE_OBJECT_BYTES} bytes, too large to keep (it can still be continued)`;
+      throw apiError("response_not_found", `response ${preview(id)} ${why}`);
+    }
+    return new Response(stored.o, { headers: { "content-type": "application/json", ...CORS_HEADERS } });
+  }
+
+  /**
+   * One non-streaming Dify call on a client's behalf (audio, delete): aborted when the client
+   * leaves, or when Dify says nothing for UPSTREAM_TIMEOUT_SECONDS. `idle` re-arms the limit
+   * (UPSTREAM_IDLE_SECONDS) for each read of a streamed answer.
+   */
+  function difyCall(req: Request) {
+    const ac = new AbortController();
+    const gone = () => ac.abort(CLIENT_GONE);
+    req.signal?.addEventListener("abort", gone, { once: true });
+    const limit = (ms: number, name: "upstream_timeout" | "upstream_idle_timeout", setting: string) =>
+      ms
+        ? watchdogDeadline(ms, () => ac.abort(apiError(name, `Dify sent nothing within ${ms / 1000} s (${setting})`)))
+        : () => {};
+    let cancel = limit(config.upstreamTimeoutMs, "upstream_timeout", "UPSTREAM_TIMEOUT_SECONDS");
+    return {
+      signal: ac.signal,
+      idle() {
+        cancel();
+        cancel = limit(config.upstreamIdleMs, "upstream_idle_timeout", "UPSTREAM_IDLE_SECONDS");
+      },
+      done() {
+        cancel();
+        req.signal?.removeEventListener("abort", gone);
+      },
+    };
+  }
+
+  /** A clear 400 when the app has this speech feature off: newer Dify skips its own check when a voice is named. */
+  async function requireSpeech(r: Route, feature: "speechToText" | "textToSpeech"): Promise<void> {
+    const p = await parameters.get(r);
+    if (!p || p[feature]) return;
+    const what = feature === "speechToText" ? "speech to text" : "text to speech";
+    throw apiError(
+      "speech_disabled",
+      `the Dify app behind model ${r.app.model} has ${what} turned off: enable it in the app's Features in Dify`,
+      { param: "model" },
+    );
+  }
+
+  /** `POST /v1/audio/transcriptions`: OpenAI's multipart form → Dify's `/audio-to-text`. */
+  async function transcription(req: Request, entry: LogEntry): Promise<Response> {
+    const { token } = authenticate(req);
+    const form = await readFormBody(req, config.bodyLimit, config.bodyTimeoutMs, watchdogDeadline);
+    const ask = await parseTranscriptionForm(form);
+    entry.model = ask.model;
+    const r = await route(ask.model, token);
+    await requireSpeech(r, "speechToText");
+    const release = takeSlot();
+    const call = difyCall(req);
+    try {
+      const text = await transcribe(deps.fetch, r, ask.user ?? config.defaultUser, ask.file, call.signal);
+      if (ask.format === "json") return jsonResponse(200, { text });
+      return new Response(text, { headers: { "content-type": "text/plain; charset=utf-8", ...CORS_HEADERS } });
+    } finally {
+      call.done();
+      release();
+    }
+  }
+
+  /** `POST /v1/audio/speech`: Dify's `/text-to-audio`, streamed back as it arrives, with Dify's audio type. */
+  async function speech(req: Request, entry: LogEntry): Promise<Response> {
+    const { token } = authenticate(req);
+    const ask = parseSpeechRequest(await readJsonBody(req, config.bodyLimit, config.bodyTimeoutMs, watchdogDeadline));
+    entry.model = ask.model;
+    const r = await route(ask.model, token);
+    await requireSpeech(r, "textToSpeech");
+    const release = takeSlot();
+    const call = difyCall(req);
+    const end = () => {
+      call.done();
+      release();
+    };
+    let upstream: ReadableStreamDefaultReader<Uint8Array>;
+    let type: string;
+    try {
+      const user = ask.user ?? config.defaultUser;
+      const audio = await speak(deps.fetch, r, { text: ask.input, voice: ask.voice, user }, call.signal);
+      type = audio.headers.get("content-type") || "audio/mpeg";
+      upstream = audio.body!.getReader();
+    } catch (e) {
+      end();
+      throw e;
+    }
+    // Pull-driven: Dify's audio is read only as fast as the client takes it.
+    const body = new ReadableStream<Uint8Array>({
+      async pull(c) {
+        call.idle();
+        try {
+          const { value, done } = await upstream.read();
+          if (!done) return c.enqueue(value);
+          c.close();
+        } catch (e) {
+          c.error(e);
+        }
+        end();
+      },
+      cancel() {
+        upstream.cancel().catch(() => {});
+        end();
+      },
+    });
+    return new Response(body, { headers: { "content-type": type, "cache-control": "no-cache", ...CORS_HEADERS } });
+  }
+
+  /**
+   * `DELETE /v1/conversations/{user}`: forgets the user's running conversation (CONVERSATION_MODE=user),
+   * and with `?dify=true` (or FORGET_AT_DIFY) deletes it at Dify too, under the Dify user it was held for.
+   */
+  async function forget(req: Request, user: string): Promise<Response> {
+    const { client, token } = authenticate(req);
+    const atDify = forgetsAtDify(req);
+    const deleted: string[] = [];
+    await Promise.all(modelIds.map(async (scope) => {
+      const key = storeKeys.user(client, scope, user);
+      const bound = atDify ? await deps.store.get<Binding>(key) : null;
+      // At Dify first: if that fails, the binding stays, so that asking again can finish the job.
+      if (bound && await deleteAtDify(req, scope, token, bound)) deleted.push(bound.c);
+      await deps.store.delete(key);
+    }));
+    const dify = atDify ? { dify_deleted: deleted } : {};
+    return jsonResponse(200, { object: "conversation.deleted", user, deleted: true, ...dify });
+  }
+
+  /** Whether a DELETE also deletes at Dify: `?dify=true` or `?dify=false`, else FORGET_AT_DIFY. */
+  function forgetsAtDify(req: Request): boolean {
+    const asked = new URLSearchParams(req.url.split("?")[1]?.split("#")[0] ?? "").get("dify");
+    return asked === null ? config.forgetAtDify : /^(1|true|yes|on)$/i.test(asked);
+  }
+
+  /** Deletes a conversation at Dify (app `scope`, under its Dify user); true if Dify had it. */
+  async function deleteAtDify(req: Request, scope: string, token: string | undefined, held: Binding): Promise<boolean> {
+    const call = difyCall(req);
+    try {
+      return await deleteDifyConversation(deps.fetch, await route(scope, token), held.c, held.u, call.signal);
+    } finally {
+      call.done();
+    }
+  }
+
   /** A concurrency slot for one answer; the returned function gives it back (once). */
   function takeSlot(): () => void {
     if (active >= config.maxConcurrentStreams) {
@@ -3530,9 +4307,14 @@ export function createServer(config: Config, deps: Deps) {
     res: Resolution,
     ex: Exchange,
   ): Promise<{ upstream: Response; res: Resolution }> {
-    const files = await difyFiles(deps.fetch, r, res.user, turn.files, ex.upstream.signal);
     const inputs: Record<string, unknown> = { ...ask.request.inputs };
     if (config.systemPrompt !== "drop" && turn.system.trim()) inputs.system_prompt ??= turn.system;
+    // An input the app requires is missing: the client's 400, before a file or a run reaches Dify.
+    const query = difyQuery(turn, !res.conversationId, config.systemPrompt);
+    const sent = difyRequestBody(r.type, r.app, { query, user: res.user, inputs, files: [] }).inputs;
+    const missing = missingInputs(await parameters.get(r), sent as Record<string, unknown>, r.app.model);
+    if (missing) throw missing;
+    const files = await difyFiles(deps.fetch, r, res.user, turn.files, ex.upstream.signal);
     const body = (resolution: Resolution) =>
       difyRequestBody(r.type, r.app, {
         query: difyQuery(turn, !resolution.conversationId, config.systemPrompt),
@@ -3563,11 +4345,13 @@ export function createServer(config: Config, deps: Deps) {
       entry.completion_tokens = t.usage.completion_tokens;
     }
     if (error) entry.error = error.code;
+    if (t.paused) entry.paused = t.paused;
     if (config.logContent) {
       entry.query = turn.query;
       entry.answer = t.content;
     }
     deps.log(JSON.stringify(entry));
+    deps.metrics?.answered(entry, t, error);
   }
 
   /**
@@ -3584,7 +4368,13 @@ export function createServer(config: Config, deps: Deps) {
     const release = takeSlot();
     const ex = new Exchange(deps.now);
     watchdog.add(ex);
-    const t = newTranslation(r.type, request.stream);
+    const keep = !request.stream || config.logContent || ask.format.keepsText === true;
+    const t = newTranslation(r.type, request.stream, keep);
+    // A streamed answer is not kept: its fingerprint for the next turn is made as it streams.
+    const print = !keep && config.conversationMode === "history" && r.type !== "workflow" && r.type !== "completion"
+      ? new AnswerPrint(turn.system, [...turn.history, ...turn.current])
+      : undefined;
+    if (print) t.tap = (text) => print.push(text);
     let stream: AnswerStream | undefined = undefined;
     const clientGone = () => stream ? stream.leave() : ex.leave(t.taskId);
     req.signal?.addEventListener("abort", clientGone, { once: true });
@@ -3593,7 +4383,10 @@ export function createServer(config: Config, deps: Deps) {
     const settle = (error: unknown) => {
       req.signal?.removeEventListener("abort", clientGone);
       watchdog.delete(ex);
-      if (!error) recordTurn(conversations, request, turn, r, client, res, t);
+      if (!error) {
+        recordTurn(conversations, request, turn, r, client, res, t, print);
+        ask.recorded?.(r, res, t);
+      }
       releaseConversation(conversations, res);
       release();
     };
@@ -3638,7 +4431,7 @@ export function createServer(config: Config, deps: Deps) {
     if (error) return errorResponse(error, headers);
     entry.ttft_ms = Math.round(deps.now() - ex.started);
     if (t.conversationId) headers["x-dify-conversation-id"] = t.conversationId;
-    return new Response(stream.body(), { headers: { ...SSE_HEADERS, ...headers } });
+    return new Response(stream.body(deps.streamBody ?? pullStreamBody), { headers: { ...SSE_HEADERS, ...headers } });
   }
 
   function translateOptions(r: Route): TranslateOptions {
@@ -3662,25 +4455,46 @@ export function createServer(config: Config, deps: Deps) {
         if (req.method !== "GET" && req.method !== "HEAD") throw methodNotAllowed("GET");
         return jsonResponse(200, { status: "ok", streams: active });
       }
+      if (path === "/metrics" && deps.metrics) return deps.metrics.respond(req, config.metricsKey, authenticate);
       if (path === "/chat/completions") {
         if (req.method !== "POST") throw methodNotAllowed("POST");
         const response = await chat(req, entry);
         return response;
+      }
+      if (path === "/responses") {
+        if (req.method !== "POST") throw methodNotAllowed("POST");
+        return await responses(req, entry);
+      }
+      if (path.startsWith("/responses/")) {
+        if (req.method !== "GET" && req.method !== "DELETE") throw methodNotAllowed("GET, DELETE");
+        return await storedResponseRoute(req, pathPart(path.slice("/responses/".length)));
       }
       if (path === "/models" || path.startsWith("/models/")) {
         if (req.method !== "GET") throw methodNotAllowed("GET");
         authenticate(req);
         return models(pathPart(path.slice("/models/".length)));
       }
+      if (path === "/audio/transcriptions" || path === "/audio/speech") {
+        if (req.method !== "POST") throw methodNotAllowed("POST");
+        const response = await (path === "/audio/speech" ? speech(req, entry) : transcription(req, entry));
+        entry.status = response.status;
+        deps.log(JSON.stringify(entry));
+        return response;
+      }
       if (path.startsWith("/conversations/")) {
         if (req.method !== "DELETE") throw methodNotAllowed("DELETE");
-        const { client } = authenticate(req);
-        const user = pathPart(path.slice("/conversations/".length));
-        await Promise.all(modelIds.map((scope) => deps.store.delete(storeKeys.user(client, scope, user))));
-        return jsonResponse(200, { object: "conversation.deleted", user, deleted: true });
+        return await forget(req, pathPart(path.slice("/conversations/".length)));
       }
       if (path === "/") {
-        return jsonResponse(200, { name: "dify-openai", endpoints: ["/v1/chat/completions", "/v1/models"] });
+        if (req.method !== "GET" && req.method !== "HEAD") throw methodNotAllowed("GET");
+        const endpoints = [
+          "/v1/chat/completions",
+          "/v1/responses",
+          "/v1/models",
+          "/v1/audio/transcriptions",
+          "/v1/audio/speech",
+        ];
+        return jsonResponse(200, { name: "dify-openai", endpoints });
       }
       throw apiError("not_found", `unknown route ${req.method} ${pathname}`);
     } catch (e) {
@@ -3690,7 +4504,8 @@ export function createServer(config: Config, deps: Deps) {
       if (!(e instanceof ApiError)) {
         deps.warn(`unexpected error on ${req.method} ${pathname}: ${(e as Error)?.stack ?? e}`);
       }
-      if (path === "/chat/completions") {
+      deps.metrics?.failed(error);
+      if (path === "/chat/completions" || path === "/responses" || path.startsWith("/audio/")) {
         entry.status = error.status;
         entry.error = error.code;
         deps.log(JSON.stringify(entry));
@@ -3707,7 +4522,7 @@ export function createServer(config: Config, deps: Deps) {
   }
 
   return {
-    handler,
+    handler: deps.metrics ? deps.metrics.counted(handler) : handler,
     get active() {
       return active;
     },
@@ -3734,6 +4549,51 @@ export function defaultReader(body: ReadableStream<Uint8Array>): ChunkReader {
     cancel: () => void reader.cancel().catch(() => {}),
   };
 }
+
+/** Bun's direct stream controller: `write` returns a promise while the socket is full. */
+interface DirectController {
+  write(data: Uint8Array): number | Promise<number>;
+  close(error?: Error): void;
+}
+
+/**
+ * Bun: a direct stream (`type: "direct"`), whose writes wait while the client is not reading. Bun
+ * calls `pull` once; the body stays open until the promise it returns settles.
+ */
+export const directStreamBody: StreamBody = (start, cancel) => {
+  let gone = false;
+  const source = {
+    type: "direct",
+    pull: (c: DirectController) =>
+      new Promise<void>((done) => {
+        let pending: Promise<unknown> | undefined;
+        start({
+          write(bytes) {
+            // After the client left, Bun's writes return at once: the loop must not spin on them.
+            if (gone) throw CLIENT_GONE;
+            const written = c.write(bytes);
+            if (!(written instanceof Promise)) return;
+            pending = written;
+            return written.then(() => void (pending = undefined));
+          },
+          ready: () => !pending && !gone,
+          close() {
+            c.close();
+            done();
+          },
+          error(reason) {
+            c.close(reason);
+            done();
+          },
+        });
+      }),
+    cancel() {
+      gone = true;
+      cancel();
+    },
+  };
+  return new ReadableStream(source as unknown as UnderlyingDefaultSource<Uint8Array>);
+};
 
 /** One reused 4 KiB buffer for every read: fewer allocations and crossings per event on Deno. */
 export function byobReader(body: ReadableStream<Uint8Array>): ChunkReader {
@@ -3766,6 +4626,8 @@ export interface ServeOptions {
   port: number;
   /** `Config.idleConnectionMs`: 0 keeps idle connections open. */
   idleConnectionMs: number;
+  /** `Config.keepaliveMs`: how quiet a streaming answer can be. */
+  keepaliveMs: number;
   warn: (message: string) => void;
 }
 
@@ -3778,6 +4640,7 @@ export interface Runtime {
   onSignal(signal: "SIGTERM" | "SIGINT", listener: () => void): void;
   openStore(path: string, env: Env): Promise<Store>;
   bodyReader(body: ReadableStream<Uint8Array>): ChunkReader;
+  streamBody: StreamBody;
   exit(code: number): never;
 }
 
@@ -3812,10 +4675,13 @@ function dirOf(path: string): string {
 }
 
 /** First wait before serving again after Deno's accept loop died, and the most it backs off to. */
-const RESERVE_MIN_MS = 50;
-const RESERVE_MAX_MS = 2000;
+const SERVE_AGAIN_MIN_MS = 50;
+const SERVE_AGAIN_MAX_MS = 2000;
 /** Serving this long without another failure ends an incident: the next failure is logged again. */
-const RESERVE_STABLE_MS = 10_000;
+const SERVE_AGAIN_STABLE_MS = 10_000;
+
+/** Serving; waiting to serve again after the accept loop died; stopped for good (shutdown). */
+type ServeLoopState = "serving" | "waiting" | "stopped";
 
 /**
  * `Deno.serve`, served again when its accept loop dies. Out of file descriptors (EMFILE), Deno's
@@ -3824,11 +4690,11 @@ const RESERVE_STABLE_MS = 10_000;
  * try backs off. Requests already accepted are answered by the server that accepted them.
  */
 export class DenoServeLoop implements Served {
-  #state: "serving" | "waiting" | "stopped" = "serving";
+  #state: ServeLoopState = "serving";
   #server: Deno.HttpServer<Deno.NetAddr>;
   #warn: (message: string) => void;
   #timer: ReturnType<typeof setTimeout> | undefined;
-  #waitMs = RESERVE_MIN_MS;
+  #waitMs = SERVE_AGAIN_MIN_MS;
   /** When the current incident's last failure happened (0: no incident). */
   #failedAt = 0;
   readonly port: number;
@@ -3844,7 +4710,7 @@ export class DenoServeLoop implements Served {
     this.port = this.#server.addr.port;
   }
 
-  get state(): "serving" | "waiting" | "stopped" {
+  get state(): ServeLoopState {
     return this.#state;
   }
 
@@ -3857,13 +4723,13 @@ export class DenoServeLoop implements Served {
   #lost(server: Deno.HttpServer<Deno.NetAddr>, e: unknown): void {
     if (this.#state === "stopped" || server !== this.#server) return;
     const now = Date.now();
-    if (!this.#failedAt || now - this.#failedAt > RESERVE_STABLE_MS) {
-      this.#waitMs = RESERVE_MIN_MS;
+    if (!this.#failedAt || now - this.#failedAt > SERVE_AGAIN_STABLE_MS) {
+      this.#waitMs = SERVE_AGAIN_MIN_MS;
       this.#warn(
         `stopped accepting connections (${(e as Error)?.message ?? e}); serving again as soon as it can. ` +
           `Raise the open-file limit (ulimit -n) or close idle connections in front of this server.`,
       );
-    } else this.#waitMs = Math.min(this.#waitMs * 2, RESERVE_MAX_MS);
+    } else this.#waitMs = Math.min(this.#waitMs * 2, SERVE_AGAIN_MAX_MS);
     this.#failedAt = now;
     this.#wait();
   }
@@ -3879,7 +4745,7 @@ export class DenoServeLoop implements Served {
       this.#server = this.#open(this.port);
       this.#state = "serving";
     } catch {
-      this.#waitMs = Math.min(this.#waitMs * 2, RESERVE_MAX_MS);
+      this.#waitMs = Math.min(this.#waitMs * 2, SERVE_AGAIN_MAX_MS);
       this.#wait();
     }
   }
@@ -3910,6 +4776,7 @@ function denoRuntime(): Runtime {
       return new DenoKvStore(await Deno.openKv(path));
     },
     bodyReader: byobReader,
+    streamBody: pullStreamBody,
     exit: (code) => Deno.exit(code),
   };
 }
@@ -3918,11 +4785,12 @@ function bunRuntime(bun: BunLike, proc: ProcessLike): Runtime {
   return {
     name: "bun",
     env: () => ({ ...proc.env }),
-    serve({ port, idleConnectionMs }, handler, onListen) {
-      // Bun's limit is whole seconds up to 255. It counts quiet time on the connection, also while an
-      // answer is being worked on: none while the handler runs (Dify may think for minutes), and
-      // while a stream is sent the keepalives keep it below the limit.
-      const idle = Math.min(255, Math.ceil(idleConnectionMs / 1000));
+    serve({ port, idleConnectionMs, keepaliveMs, warn }, handler, onListen) {
+      // Bun's limit is whole seconds up to 255, checked in 4 s steps. It counts quiet time on the
+      // connection, also while an answer is being worked on: none while the handler runs (Dify may
+      // think for minutes); while a stream is sent, keepalives must come well within the limit.
+      const seconds = idleConnectionMs && Math.max(idleConnectionMs, keepaliveMs + 5000) / 1000;
+      const idle = Math.min(255, Math.ceil(seconds));
       const server = bun.serve({
         port,
         idleTimeout: idle,
@@ -3935,7 +4803,11 @@ function bunRuntime(bun: BunLike, proc: ProcessLike): Runtime {
           server.timeout(req, idle);
           return res;
         },
-        error: (e) => errorResponse(apiError("internal_error", `internal error: ${(e as Error)?.name ?? "Error"}`)),
+        // The last resort, should the handler ever throw: its own catch answers every error it knows.
+        error(e) {
+          warn(`unexpected error outside the handler: ${(e as Error)?.stack ?? e}`);
+          return errorResponse(apiError("internal_error", "internal error"));
+        },
       });
       queueMicrotask(() => onListen(server.port));
       return { port: server.port, shutdown: async () => void await server.stop(false) };
@@ -3953,6 +4825,8 @@ function bunRuntime(bun: BunLike, proc: ProcessLike): Runtime {
     },
     // Bun's fetch bodies refuse BYOB readers, and hand over large chunks anyway.
     bodyReader: defaultReader,
+    // Bun pulls a standard stream as fast as it can and buffers what the client has not taken.
+    streamBody: directStreamBody,
     exit: (code) => proc.exit(code),
   };
 }
@@ -4066,20 +4940,25 @@ export async function main(rt: Runtime = currentRuntime()): Promise<void> {
   }
   const warn = (message: string) =>
     console.error(JSON.stringify({ t: new Date().toISOString(), level: "warn", message }));
-  const conversations = new ConversationStore(store, config.conversationTtlMs, warn);
+  const metrics = config.metrics ? metricsFor(config) : undefined;
+  const counted = metrics ? metrics.countWrites(store) : store;
+  const conversations = new ConversationStore(counted, config.conversationTtlMs, warn);
   const requestLog = new LineBatch((text) => console.log(text));
   const server = createServer(config, {
+    metrics,
     store: conversations,
     log: (line) => requestLog.add(line),
     warn,
     fetch: (input, init) => fetch(input, init),
     bodyReader: (body) => rt.bodyReader(body),
+    streamBody: rt.streamBody,
     now: () => performance.now(),
   });
   if (!config.proxyKeys.length) {
     warn("PROXY_API_KEYS is not set: anyone who can reach this server can use it");
   }
-  const serveOptions = { port: config.port, idleConnectionMs: config.idleConnectionMs, warn };
+  const { idleConnectionMs, keepaliveMs } = config;
+  const serveOptions = { port: config.port, idleConnectionMs, keepaliveMs, warn };
   const served = rt.serve(serveOptions, server.handler, (port) => {
     const models = config.catchAll ? `every model name → ${config.catchAll.model}` : [...config.apps.keys()].join(", ");
     console.error(

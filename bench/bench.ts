@@ -5,7 +5,7 @@
 //
 // Options:
 //   --quick                 shorter phases (5 s throughput, 2k/10k requests for RSS)
-//   --paths a,b,...         subset of direct,native,js,deno,deno-off,bun (default: all)
+//   --paths a,b,...         subset of direct,native,byob,js,deno,responses,deno-off,bun (default: all)
 //   --events N              message events per answer in the fast mode (default 20)
 //   --proxy-entry FILE      run this file instead of main.ts as the proxy
 //                           (for testing the harness itself)
@@ -13,6 +13,7 @@
 //                           proxy's own default); the deno-off row always runs with off
 //   --keep-logs             keep the processes' logs (their folder is printed)
 //   --no-write              do not write bench/results.json / bench/results.md
+//   --no-ladder             skip the ablation ladder at the end (bench/ladder/ladder.ts, ~6 min)
 //
 // Every server (fake Dify, pass-throughs, proxies) and every load generator
 // runs in its own process. All of them are killed at the end, on errors and on
@@ -22,6 +23,7 @@
 import { flags } from "./child.ts";
 import { Connection, cpuMs, makeTarget, Marker, memKiB, percentile } from "./http_client.ts";
 import type { Result as LoadResult } from "./load.ts";
+import { DEFAULTS as LADDER_DEFAULTS, ladder, LADDER_NOTE } from "./ladder/ladder.ts";
 
 // ---------------------------------------------------------------- options --
 
@@ -33,10 +35,11 @@ interface Options {
   conversationMode: string;
   keepLogs: boolean;
   write: boolean;
+  ladder: boolean;
 }
 
-type PathKey = "direct" | "native" | "js" | "deno" | "deno-off" | "bun";
-const ALL_PATHS: PathKey[] = ["direct", "native", "js", "deno", "deno-off", "bun"];
+type PathKey = "direct" | "native" | "byob" | "js" | "deno" | "responses" | "deno-off" | "bun";
+const ALL_PATHS: PathKey[] = ["direct", "native", "byob", "js", "deno", "responses", "deno-off", "bun"];
 
 const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const BENCH_DIR = `${ROOT}/bench`;
@@ -50,6 +53,7 @@ function parseOptions(args: string[]): Options {
     conversationMode: "history",
     keepLogs: false,
     write: true,
+    ladder: true,
   };
   for (const [a, v] of flags(args)) {
     switch (a) {
@@ -79,6 +83,9 @@ function parseOptions(args: string[]): Options {
       case "--keep-logs":
         o.keepLogs = true;
         break;
+      case "--no-ladder":
+        o.ladder = false;
+        break;
       case "--no-write":
         o.write = false;
         break;
@@ -87,7 +94,7 @@ function parseOptions(args: string[]): Options {
         console.log(
           "usage: deno run -A bench/bench.ts [--quick] [--paths direct,native,js,deno,bun]\n" +
             "       [--events N] [--proxy-entry FILE] [--conversation-mode off|history|user]\n" +
-            "       [--keep-logs] [--no-write]",
+            "       [--keep-logs] [--no-write] [--no-ladder]",
         );
         Deno.exit(0);
         break;
@@ -112,7 +119,7 @@ const P = opts.quick
     rssCapS: 15,
     pacedS: 2,
     pacedWarmS: 0.5,
-    pacedPaths: ["js", "deno", "bun"] as PathKey[],
+    pacedPaths: ["js", "deno", "responses", "bun"] as PathKey[],
     slowEvents: 4,
     slowPaths: ["deno", "bun"] as PathKey[],
   }
@@ -126,7 +133,7 @@ const P = opts.quick
     rssCapS: 45,
     pacedS: 8,
     pacedWarmS: 1,
-    pacedPaths: ["direct", "native", "js", "deno", "bun"] as PathKey[],
+    pacedPaths: ["direct", "native", "byob", "js", "deno", "responses", "bun"] as PathKey[],
     slowEvents: 10,
     slowPaths: ["native", "js", "deno", "bun"] as PathKey[],
   };
@@ -351,14 +358,15 @@ async function resetDifyStats(d: FakeDify): Promise<void> {
 interface PathDef {
   key: PathKey;
   label: string;
-  /** "openai": /v1/chat/completions; "dify": /v1/chat-messages */
-  kind: "openai" | "dify";
+  /** "openai": /v1/chat/completions; "responses": /v1/responses; "dify": /v1/chat-messages */
+  kind: "openai" | "responses" | "dify";
   /** Starts the path's own server (none for direct). */
   start?: (up: FakeDify, tag: string) => Promise<{ proc: Proc; port: number }>;
 }
 
 const openaiBody = (text: string) =>
   JSON.stringify({ model: "dify", stream: true, messages: [{ role: "user", content: text }] });
+const responsesBody = (text: string) => JSON.stringify({ model: "dify", stream: true, input: text });
 const difyBody = (text: string) =>
   JSON.stringify({ inputs: {}, query: text, response_mode: "streaming", user: "bench", conversation_id: "" });
 /** The fake Dify answers this query without pacing (see dify_bench_server.ts). */
@@ -405,6 +413,12 @@ const PATHS: Record<PathKey, PathDef> = {
     kind: "dify",
     start: passthrough("passthrough_native.ts"),
   },
+  byob: {
+    key: "byob",
+    label: "BYOB pass-through (Deno)",
+    kind: "dify",
+    start: passthrough("passthrough_byob.ts"),
+  },
   js: {
     key: "js",
     label: "JS pass-through (Deno)",
@@ -412,6 +426,12 @@ const PATHS: Record<PathKey, PathDef> = {
     start: passthrough("passthrough_js.ts"),
   },
   deno: { key: "deno", label: "proxy main.ts on Deno", kind: "openai", start: proxy("deno") },
+  responses: {
+    key: "responses",
+    label: "proxy main.ts on Deno, POST /v1/responses",
+    kind: "responses",
+    start: proxy("deno"),
+  },
   "deno-off": {
     key: "deno-off",
     label: "proxy main.ts on Deno, CONVERSATION_MODE=off",
@@ -439,6 +459,15 @@ function endpoint(def: PathDef, port: number, query = "hi"): Endpoint {
       // First chunk whose delta carries non-empty content.
       marker: '"content":"',
       markerNotNext: '"',
+    };
+  }
+  if (def.kind === "responses") {
+    return {
+      url: `http://127.0.0.1:${port}/v1/responses`,
+      body: responsesBody(query),
+      headers: {},
+      // One event per content delta; reasoning and lifecycle events have other names.
+      marker: "event: response.output_text.delta\n",
     };
   }
   return {
@@ -617,6 +646,25 @@ async function validate(def: PathDef, ep: Endpoint, events: number): Promise<Val
     }
     if (ids.size > 1) v.problems.push(`${ids.size} different chunk ids in one stream`);
     if (!v.finishReason) v.problems.push("no finish_reason");
+  } else if (def.kind === "responses") {
+    let sequence = 0;
+    for (const [i, d] of datas.entries()) {
+      let j: { type?: string; sequence_number?: number; delta?: string; response?: { status?: string } };
+      try {
+        j = JSON.parse(d);
+      } catch {
+        v.problems.push(`non-JSON data: ${d.slice(0, 100)}`);
+        continue;
+      }
+      if (j.sequence_number !== sequence++) v.problems.push(`sequence_number ${j.sequence_number} at ${i}`);
+      if (j.type === "response.output_text.delta") {
+        v.contentEvents++;
+        v.text += j.delta;
+      }
+      if (j.type === "response.completed") v.finishReason = j.response?.status;
+    }
+    v.done = v.finishReason === "completed";
+    if (!v.done) v.problems.push("stream does not end with response.completed");
   } else {
     let end = false;
     for (const d of datas) {
@@ -874,7 +922,7 @@ async function fastPhases(def: PathDef, up: FakeDify, res: PathResult): Promise<
         return;
       }
     }
-    const isProxy = def.kind === "openai";
+    const isProxy = def.kind !== "dify";
     res.rssAfter = [];
     const rssCheckpoint = async (target: number) => {
       if (!proc) return;
@@ -1146,7 +1194,8 @@ function renderMarkdown(meta: Record<string, unknown>, results: PathResult[], no
   }
   L.push("");
   L.push(
-    'TTFC = time to the first content chunk (proxy: first chunk with non-empty `"content"`; ' +
+    'TTFC = time to the first content chunk (proxy: first chunk with non-empty `"content"`, or the first ' +
+      "`response.output_text.delta` event on /v1/responses; " +
       'direct/pass-throughs: first `"event":"message"` frame). ' +
       `Paced: ${PACED_CONCURRENCY} concurrent streams of ${PACED_EVENTS} events, one every ${PACE_MS} ms; ` +
       "CPU = utime+stime of the path's process (*direct row: the fake Dify's own CPU). " +
@@ -1159,17 +1208,18 @@ function renderMarkdown(meta: Record<string, unknown>, results: PathResult[], no
   const ratio = (a?: number, b?: number) => a && b ? (a / b).toFixed(2) : "—";
   const directP50 = by.direct?.latency?.p50Ms;
   const directTtfc = by.direct?.latency?.ttfcP50Ms;
-  for (const k of ["deno", "deno-off", "bun"] as const) {
+  for (const k of ["deno", "responses", "deno-off", "bun"] as const) {
     const r = by[k];
     if (!r?.throughput) continue;
     L.push(
       `- ${r.label}: throughput ${ratio(r.throughput.rps, by.js?.throughput?.rps)}× JS pass-through, ` +
-        `${ratio(r.throughput.rps, by.native?.throughput?.rps)}× native pipe; ` +
+        `${ratio(r.throughput.rps, by.native?.throughput?.rps)}× native pipe, ` +
+        `${ratio(r.throughput.rps, by.byob?.throughput?.rps)}× BYOB pass-through; ` +
         `CPU per 1k events ${ratio(r.paced?.cpuMsPer1kEvents, by.js?.paced?.cpuMsPer1kEvents)}× JS pass-through ` +
         `(${fmt(r.paced?.cpuMsPer1kEvents, 1)} vs ${fmt(by.js?.paced?.cpuMsPer1kEvents, 1)} ms)`,
     );
   }
-  for (const k of ["native", "js", "deno", "deno-off", "bun"] as const) {
+  for (const k of ["native", "byob", "js", "deno", "responses", "deno-off", "bun"] as const) {
     const r = by[k];
     if (!r?.latency || directP50 === undefined) continue;
     L.push(
@@ -1289,7 +1339,7 @@ async function main() {
       entryExists = false;
     }
   }
-  for (const k of ["deno", "deno-off", "bun"] as const) {
+  for (const k of ["deno", "responses", "deno-off", "bun"] as const) {
     const r = byKey[k];
     if (!r) continue;
     if (!entryExists) r.skipped = `${opts.proxyEntry} not found`;
@@ -1315,7 +1365,7 @@ async function main() {
 
   for (const r of results) {
     if (r.skipped) continue;
-    log(`${r.label}: throughput${PATHS[r.key].kind === "openai" ? " / RSS" : ""}`);
+    log(`${r.label}: throughput${PATHS[r.key].kind !== "dify" ? " / RSS" : ""}`);
     await runPhase(r, "fast", () => fastPhases(PATHS[r.key], fast, r));
   }
   const latencyPaths = results.filter((r) => !r.skipped);
@@ -1365,7 +1415,13 @@ async function main() {
   }
   meta.durationS = Math.round((performance.now() - T0) / 1000);
 
-  const md = renderMarkdown(meta, results, notes);
+  let md = renderMarkdown(meta, results, notes);
+  if (opts.ladder) {
+    log("the ladder: every row at once, taking turns (bench/ladder/ladder.ts)");
+    const rounds = opts.quick ? { rounds: 3, seconds: 2, latencySeconds: 1 } : {};
+    const table = await ladder({ ...LADDER_DEFAULTS, ...rounds, main: opts.proxyEntry, events: opts.events });
+    md += `\n## Ladder (one interleaved run)\n\n${table}\n\n${LADDER_NOTE}\n`;
+  }
   console.log("\n" + md);
   if (opts.write) {
     await Deno.writeTextFile(

@@ -14,10 +14,12 @@
  *   fixture:<name>            replay `<name>.sse` (or `<name>.json` as application/json) byte for byte
  *   fault:http_<scenario>     errors.json `http.<scenario>` (status, raw_modern, headers)
  *   fault:status_<code>       Dify-shaped {"code","message","status"} with that status
- *   fault:html502 | json_instead | error200
+ *   fault:html502 | html504 | json_instead | error200
  *   fault:midstream_error | eof | reset      cut after the 3rd answer delta (error frame / clean EOF / broken body)
  *   fault:first_byte:<ms> | idle:<ms> | slow:<ms> | hold | forever
  *   fault:malformed | huge_line[:<n>] | workflow_no_chunks | workflow_outputs_object
+ *   fault:firehose:<n>        an answer of <n> bytes in 1 KB message events, made only as the bridge reads
+ *                             (`firehoseBytes()` counts what it took): shows backpressure
  * Generated answers: chat family `Turn <n> of <conv id[0:8]>: <query[0:200]>`, completion `Completion: <text>`,
  * workflow `Workflow: <inputs.query or first string input>`.
  *
@@ -66,6 +68,16 @@ export interface FakeDifyOptions {
   pingFirst?: boolean;
   /** Generated streams use "\r\n" line endings. */
   crlf?: boolean;
+  /**
+   * Scripted answers, for event orders the generator does not make: every run request (chat, completion,
+   * workflow) is recorded, then answered with these events as one event stream (or this raw SSE text),
+   * whatever its directives. `key` is the app key the bridge sent.
+   */
+  script?: (path: string, body: Record<string, unknown>, key: string) => Record<string, unknown>[] | string;
+  /** Scripted answers send one event every this many milliseconds, as a model streams its tokens. */
+  scriptPaceMs?: number;
+  /** Every file upload is refused as Dify refuses a type it does not allow (errors.json `upload_unsupported_type`). */
+  refuseUploads?: boolean;
 }
 
 export interface FakeUpload {
@@ -92,6 +104,10 @@ export interface FakeDify {
   forgetAll(): void;
   release(): void;
   held(): number;
+  /** Body bytes the fake has handed to its streamed answers so far (all of them, unlike `firehoseBytes`). */
+  bytesSent(): number;
+  /** Bytes `fault:firehose` answers have handed to their readers so far. */
+  firehoseBytes(): number;
   reset(): void;
   close(): Promise<void>;
 }
@@ -343,6 +359,9 @@ const HTTP_ERRORS: Record<number, [string, string]> = {
 const NGINX_502 = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n" +
   "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
 
+const NGINX_504 = "<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n" +
+  "<center><h1>504 Gateway Time-out</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+
 const MIDSTREAM_ERROR_MESSAGE =
   "[openai] Server Unavailable Error, Error code: 503 - {'error': {'message': 'The server is overloaded or not ready yet.', 'type': 'server_error', 'param': None, 'code': None}}";
 
@@ -386,6 +405,7 @@ const STREAM_FAULTS = new Set([
   "forever",
   "workflow_no_chunks",
   "workflow_outputs_object",
+  "firehose",
 ]);
 
 interface Plan {
@@ -399,6 +419,7 @@ interface Plan {
   hugeLine?: number;
   workflowNoChunks: boolean;
   workflowOutputsObject: boolean;
+  firehose?: number;
 }
 
 function planFrom(f: Map<string, number | undefined>): Plan {
@@ -413,6 +434,7 @@ function planFrom(f: Map<string, number | undefined>): Plan {
     hugeLine: f.has("huge_line") ? f.get("huge_line") ?? 5_000_000 : undefined,
     workflowNoChunks: f.has("workflow_no_chunks"),
     workflowOutputsObject: f.has("workflow_outputs_object"),
+    firehose: f.has("firehose") ? f.get("firehose") ?? 10_000_000 : undefined,
   };
 }
 
@@ -510,6 +532,7 @@ class Out {
     if (this.done || this.ctx.aborted) return false;
     try {
       this.#ctrl.enqueue(b);
+      this.ctx.state.bytesSent += b.length;
       return true;
     } catch {
       this.done = true;
@@ -1015,6 +1038,11 @@ class State {
   heldSet = new Set<HeldEntry>();
   ids = new Map<string, string>();
   closing = false;
+  /** Bytes the firehose streams have handed over. */
+  firehoseBytes = 0;
+
+  /** Bytes every streamed answer has handed over. */
+  bytesSent = 0;
 
   constructor(readonly opts: FakeDifyOptions) {}
 
@@ -1206,8 +1234,13 @@ async function handleInfo(state: State, inc: Incoming, what: "info" | "parameter
       author_name: "test",
     });
   }
+  if (speechApp(auth.key)) {
+    return bytesResponse(state, 200, JSON_HEADERS, await readFixture("parameters_required_speech.json"));
+  }
+  // Optional: a workflow app's text input is whatever the bridge is configured to fill (`input`),
+  // so only the `speech` fixture above requires an input.
   const form = auth.mode === "workflow" || auth.mode === "completion"
-    ? [{ paragraph: { label: "Query", variable: "query", required: true, default: "" } }]
+    ? [{ paragraph: { label: "Query", variable: "query", required: false, default: "" } }]
     : [];
   return jsonResponse(state, 200, {
     opening_statement: "",
@@ -1265,6 +1298,7 @@ async function handleStop(state: State, inc: Incoming, kind: Endpoint, taskId: s
 async function handleUpload(state: State, inc: Incoming): Promise<Response> {
   const auth = checkAuth(inc.req.headers.get("authorization"));
   if (!auth.ok) return await scenario(state, auth.scenario);
+  if (state.opts.refuseUploads) return await scenario(state, "upload_unsupported_type");
   const form = inc.form;
   if (!form) return await scenario(state, "upload_no_file");
   const user = form.get("user");
@@ -1379,8 +1413,9 @@ async function handleGenerate(state: State, inc: Incoming, endpoint: Endpoint): 
         ["unknown", `HTTP ${status}`];
       return difyError(state, status, code, message);
     }
-    if (name === "html502") {
-      return bytesResponse(state, 502, { "content-type": "text/html", server: "nginx" }, NGINX_502);
+    if (name === "html502" || name === "html504") {
+      const page = name === "html502" ? NGINX_502 : NGINX_504;
+      return bytesResponse(state, Number(name.slice(4)), { "content-type": "text/html", server: "nginx" }, page);
     }
     if (name === "json_instead") {
       return bytesResponse(state, 200, JSON_HEADERS, await loadFixture("blocking_chat.json"));
@@ -1583,6 +1618,10 @@ async function handleGenerate(state: State, inc: Incoming, endpoint: Endpoint): 
     terminal: true,
   };
   if (plan.forever) return startForever(state, ctx, enc);
+  if (plan.firehose !== undefined) {
+    const head = { conversation_id: conv?.id ?? "", message_id: messageId, created_at: createdAt, task_id: taskId };
+    return startFirehose(state, ctx, enc, head, plan.firehose);
+  }
   return startStream(state, ctx, frames, gen.stop, plan, turn, errorFrame);
 }
 
@@ -1736,6 +1775,30 @@ function startForever(state: State, ctx: StreamCtx, enc: Enc): Response {
   });
 }
 
+/** A pull-driven answer: each frame is made when the bridge reads, so what it took is what it asked for. */
+function startFirehose(state: State, ctx: StreamCtx, enc: Enc, head: Json, bytes: number): Response {
+  const delta = "x".repeat(1000);
+  let sent = 0;
+  const stream = new ReadableStream<Uint8Array>({
+    pull(c) {
+      if (ctx.aborted || ctx.stopped || state.closing || sent >= bytes) {
+        c.enqueue(te.encode(enc.data({ event: "message_end", ...(head as Record<string, Json>), metadata: {} })));
+        state.dropCtx(ctx);
+        return c.close();
+      }
+      const chunk = te.encode(enc.data({ event: "message", ...(head as Record<string, Json>), answer: delta }));
+      sent += delta.length;
+      state.firehoseBytes += chunk.length;
+      c.enqueue(chunk);
+    },
+    cancel() {
+      ctx.abort();
+      state.dropCtx(ctx);
+    },
+  }, { highWaterMark: 0 });
+  return new Response(stream, { status: 200, headers: SSE_HEADERS });
+}
+
 function startStream(
   state: State,
   ctx: StreamCtx,
@@ -1850,6 +1913,11 @@ function route(method: string, path: string): { allow: string[]; run?: Run } {
     return one("POST", (s, i) => handleGenerate(s, i, "workflow"));
   }
   if (path === "/files/upload") return one("POST", handleUpload);
+  if (/^\/workflows\/[0-9a-f-]{36}\/run$/i.test(path)) {
+    return one("POST", (s, i) => handleGenerate(s, i, "workflow"));
+  }
+  if (path === "/audio-to-text") return one("POST", handleAudioToText);
+  if (path === "/text-to-audio") return one("POST", handleTextToAudio);
   const stops: [RegExp, Endpoint][] = [
     [/^\/chat-messages\/([^/]+)\/stop$/, "chat"],
     [/^\/completion-messages\/([^/]+)\/stop$/, "completion"],
@@ -1870,6 +1938,28 @@ function route(method: string, path: string): { allow: string[]; run?: Run } {
   return { allow: [] };
 }
 
+/** `opts.script`'s answer to a run request, as an event stream. */
+function scriptedAnswer(state: State, inc: Incoming, path: string): Response {
+  const out = state.opts.script!(path, isObject(inc.rec.body) ? inc.rec.body : {}, inc.rec.key);
+  const frames = typeof out === "string" ? [out] : out.map((e) => `data: ${JSON.stringify(e)}\n\n`);
+  const pace = state.opts.scriptPaceMs;
+  if (!pace) return bytesResponse(state, 200, SSE_HEADERS, frames.join(""));
+  const ctx = state.newCtx(crypto.randomUUID(), "none", inc.rec.key, "");
+  const body = new Out(ctx, state.opts.sliceBytes);
+  state.track((async () => {
+    try {
+      for (const frame of frames) {
+        if (!await body.write(frame)) break;
+        await ctx.sleep(pace, false);
+      }
+      body.close();
+    } finally {
+      state.dropCtx(ctx);
+    }
+  })());
+  return new Response(body.stream, { headers: SSE_HEADERS });
+}
+
 async function handle(state: State, req: Request): Promise<Response> {
   const url = new URL(req.url);
   const p = url.pathname;
@@ -1880,6 +1970,7 @@ async function handle(state: State, req: Request): Promise<Response> {
   if (state.closing) {
     return difyError(state, 503, "fake_dify_closed", "fake Dify is shutting down");
   }
+  if (state.opts.script && req.method === "POST" && GENERATE_PATHS.has(path)) return scriptedAnswer(state, inc, path);
   const r = underV1 ? route(req.method, path) : { allow: [] };
   if (r.run) return await r.run(state, inc);
   if (r.allow.length) {
@@ -1943,6 +2034,12 @@ export async function startFakeDify(opts: FakeDifyOptions = {}): Promise<FakeDif
     held() {
       return state.heldSet.size;
     },
+    bytesSent() {
+      return state.bytesSent;
+    },
+    firehoseBytes() {
+      return state.firehoseBytes;
+    },
     reset() {
       state.requests.length = 0;
       state.stops.length = 0;
@@ -1960,4 +2057,69 @@ export async function startFakeDify(opts: FakeDifyOptions = {}): Promise<FakeDif
       return closed;
     },
   };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Speech: /audio-to-text and /text-to-audio, and /parameters with a required input
+// ---------------------------------------------------------------------------------------------------------------
+
+/**
+ * A key containing `speech` is an app with speech-to-text and text-to-speech on, whose `/parameters`
+ * is `parameters_required_speech.json` (a chatflow requiring the input `city`). Any other app has speech off.
+ */
+function speechApp(key: string): boolean {
+  return key.toLowerCase().includes("speech");
+}
+
+/** Part types Dify's speech-to-text takes (it checks the part's Content-Type, not the file name). */
+const AUDIO_TYPES = new Set(["audio/mp3", "audio/m4a", "audio/x-m4a", "audio/wav", "audio/amr", "audio/mpga"]);
+
+async function handleAudioToText(state: State, inc: Incoming): Promise<Response> {
+  const auth = checkAuth(inc.req.headers.get("authorization"));
+  if (!auth.ok) return await scenario(state, auth.scenario);
+  const file = inc.form?.get("file");
+  if (!(file instanceof File)) {
+    return difyError(
+      state,
+      400,
+      "bad_request",
+      "The browser (or proxy) sent a request that this server could not understand.",
+    );
+  }
+  if (!speechApp(auth.key)) return await scenario(state, "audio_speech_to_text_disabled");
+  if (!AUDIO_TYPES.has(file.type)) return await scenario(state, "audio_unsupported_type");
+  if (file.size > 30 * 1024 * 1024) return await scenario(state, "audio_too_large");
+  return bytesResponse(state, 200, JSON_HEADERS, await readFixture("audio_to_text.json"));
+}
+
+/** The MP3 bytes Dify streamed as `tts_message` audio in `tts_autoplay.sse`, one chunk per frame. */
+export async function ttsAudioChunks(): Promise<Uint8Array[]> {
+  const text = td.decode(await readFixture("tts_autoplay.sse"));
+  const chunks: Uint8Array[] = [];
+  for (const line of text.split("\n")) {
+    if (!line.startsWith("data: ")) continue;
+    const ev = JSON.parse(line.slice(6));
+    if (ev.event !== "tts_message" || !ev.audio) continue;
+    chunks.push(Uint8Array.from(atob(ev.audio), (c) => c.charCodeAt(0)));
+  }
+  return chunks;
+}
+
+async function handleTextToAudio(state: State, inc: Incoming): Promise<Response> {
+  const auth = checkAuth(inc.req.headers.get("authorization"));
+  if (!auth.ok) return await scenario(state, auth.scenario);
+  const body = await jsonBody(state, inc);
+  if (body instanceof Response) return body;
+  if (!speechApp(auth.key)) return await scenario(state, "audio_tts_not_enabled");
+  if (!body.text && !body.message_id) return difyError(state, 400, "invalid_param", "Text is required");
+  // A streaming TTS provider: chunked audio/mpeg, one write per audio chunk.
+  const chunks = await ttsAudioChunks();
+  const stream = new ReadableStream<Uint8Array>({
+    pull(c) {
+      const next = chunks.shift();
+      if (next) c.enqueue(next);
+      else c.close();
+    },
+  });
+  return new Response(stream, { status: 200, headers: { "content-type": "audio/mpeg" } });
 }
