@@ -239,7 +239,7 @@ for (const runtime of ["deno", "bun"] as const) {
         assert.ok(read < 20 * 32_000_000, `read ${read} bytes of 20 GB`);
         const grown = await rssMiB(proc.process.pid) - before;
         assert.ok(grown < 100, `RSS grew by ${grown.toFixed(0)} MiB for 20 stalled streams`);
-        assert.ok(await healthMs(proc.url) < 100, "/healthz answers at once");
+        assert.ok(await healthMs(proc.url) < 1000, "/healthz answers while the streams stall");
       } finally {
         for (const conn of conns) conn.close();
         await proc.stop();
