@@ -5,17 +5,7 @@
 import assert from "node:assert/strict";
 import OpenAI from "openai";
 import { type FakeDify, startFakeDify } from "../bench/fake_dify.ts";
-import {
-  bunAvailable,
-  rawChat,
-  sleep,
-  sseData,
-  startProcess,
-  startRig,
-  test,
-  until,
-  user,
-} from "../bench/test_util.ts";
+import { bunAvailable, rawChat, sseData, startProcess, startRig, test, until, user } from "../bench/test_util.ts";
 
 // ─── Isolation ──────────────────────────────────────────────────────────────────────────────────
 
