@@ -1,11 +1,29 @@
 /**
- * dify-openai — any Dify app (chatbot, agent, chatflow, workflow, completion) behind the OpenAI
- * chat completions API. One file, web-standard APIs only; runs on Deno 2.9 (`deno run main.ts`,
+ * dify-openai — any Dify app (chatbot, agent, chatflow, workflow, completion) behind the OpenAI API: chat
+ * completions, Responses, models and audio. One file, web-standard APIs only; runs on Deno 2.9 (`deno run main.ts`,
  * Deno Deploy, a gist URL) and on Bun 1.x (`bun main.ts`).
  *
- * The file reads the way a request flows: configuration → request parsing → OpenClaw envelope →
- * turn building → conversation store → Dify client → event translation → streaming → HTTP routes →
- * runtime edges → main.
+ * The file reads the way a request flows, one banner per section; nothing is used above its definition except
+ * across the runtime fence: the code above "Runtime edges" never names Deno or Bun and gets what differs through
+ * `Deps` (`createServer`'s argument), so it is also a library (`createServer(config, deps)` → a fetch handler).
+ *
+ *   1. Configuration
+ *   2. Errors
+ *   3. Request parsing
+ *   4. OpenClaw envelope
+ *   5. Turn building
+ *   6. Conversation store
+ *   7. Dify client
+ *   8. Event translation
+ *   9. Server-sent event lines
+ *   10. Reading Dify: the watchdog and the event reader
+ *   11. Output formats
+ *   12. Streaming an answer
+ *   13. HTTP plumbing: bodies, responses, client keys
+ *   14. Metrics
+ *   15. The bridge: routes, and one answer from request to record
+ *   16. Runtime edges: Deno or Bun
+ *   17. main
  */
 
 import { createHash } from "node:crypto";
@@ -79,6 +97,10 @@ export interface Config {
 export class ConfigError extends Error {}
 
 type Env = Record<string, string | undefined>;
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
 
 function choice<T extends string>(env: Env, name: string, options: readonly T[], fallback: T): T {
   const raw = env[name]?.trim();
@@ -306,18 +328,14 @@ export function errorJson(e: ApiError): string {
   return JSON.stringify({ error: { message: e.message, type: e.type, param: e.param, code: e.code } });
 }
 
-function isObject(v: unknown): v is Record<string, unknown> {
-  return typeof v === "object" && v !== null && !Array.isArray(v);
-}
-
 // ─── Request parsing ────────────────────────────────────────────────────────────────────────────
 
+type DifyFileType = "image" | "document" | "audio" | "video" | "custom";
+
 /** A file the user attached, before it reaches Dify. */
-export type InputFile =
+type InputFile =
   | { kind: "remote"; url: string; type: DifyFileType }
   | { kind: "upload"; bytes: Uint8Array; filename: string; mime: string; type: DifyFileType };
-
-export type DifyFileType = "image" | "document" | "audio" | "video" | "custom";
 
 /** One OpenAI message reduced to what the bridge uses: role, text, and attachments. */
 export interface Message {
@@ -326,7 +344,7 @@ export interface Message {
   files: InputFile[];
 }
 
-export interface ChatRequest {
+interface ChatRequest {
   model: string;
   messages: Message[];
   stream: boolean;
@@ -445,6 +463,20 @@ function attachedFile(part: Record<string, unknown>, param: string): InputFile {
   };
 }
 
+/** A client's value in an error message: short, whatever its size or shape. */
+function preview(v: unknown): string {
+  let text: string;
+  try {
+    text = JSON.stringify(v) ?? String(v);
+  } catch {
+    text = Array.isArray(v) ? "[…]" : "{…}";
+  }
+  return text.length > 100 ? `${text.slice(0, 100)}…` : text;
+}
+
+const unsupported = (field: string, why: string) =>
+  apiError("unsupported_parameter", `\`${field}\` is not supported: ${why}`, { param: field });
+
 /** Text and files of one message's `content` (a string, null, or an array of parts). */
 function parseContent(content: unknown, param: string, maxParts: number): { text: string; files: InputFile[] } {
   if (content === null || content === undefined) return { text: "", files: [] };
@@ -491,17 +523,6 @@ function valueText(v: unknown): string {
   } catch {
     return "";
   }
-}
-
-/** A client's value in an error message: short, whatever its size or shape. */
-function preview(v: unknown): string {
-  let text: string;
-  try {
-    text = JSON.stringify(v) ?? String(v);
-  } catch {
-    text = Array.isArray(v) ? "[…]" : "{…}";
-  }
-  return text.length > 100 ? `${text.slice(0, 100)}…` : text;
 }
 
 /** Assistant tool calls as text, so replayed history keeps what the tools were asked. */
@@ -562,6 +583,28 @@ function checkModel(body: unknown): asserts body is Record<string, unknown> & { 
   }
 }
 
+/**
+ * OpenClaw's `x-session-affinity`: its session id, which may carry a trailing `:N` counter. Only a
+ * counter after a UUID is stripped: `chat:42` is a whole id, and cutting it would merge chats.
+ */
+const AFFINITY_COUNTER = new RegExp(`^(${UUID.source.slice(1, -1)}):\\d+$`, "i");
+
+/**
+ * The client's name for this chat, from the headers and fields clients send it in. Never
+ * `x-client-request-id`: in OpenAI's API that is a per-request id and would split every chat.
+ */
+function sessionIdOf(body: Record<string, unknown>, headers: Headers): string | undefined {
+  const affinity = headers.get("x-session-affinity")?.trim();
+  const clientMetadata = isObject(body.client_metadata) ? body.client_metadata : {};
+  const metadata = isObject(body.metadata) ? body.metadata : {};
+  const id = headers.get("x-session-id") || headers.get("session-id") || headers.get("session_id") ||
+    headers.get("thread-id") || (affinity && (AFFINITY_COUNTER.exec(affinity)?.[1] ?? affinity)) ||
+    (typeof clientMetadata.session_id === "string" ? clientMetadata.session_id : undefined) ||
+    optionalString(body, "prompt_cache_key") || headers.get("x-openwebui-chat-id") ||
+    (typeof metadata.chat_id === "string" ? metadata.chat_id : undefined);
+  return id?.trim() || undefined;
+}
+
 /** Validates an OpenAI chat completion body; throws ApiError 400 naming the bad field. */
 export function parseChatRequest(
   body: unknown,
@@ -614,8 +657,15 @@ export function parseChatRequest(
   };
 }
 
+/** An audio file a client sent for transcription. */
+interface AudioFile {
+  bytes: Uint8Array;
+  filename: string;
+  mime: string;
+}
+
 /** `POST /v1/audio/transcriptions` (OpenAI's multipart form) reduced to what Dify's speech-to-text takes. */
-export interface TranscriptionRequest {
+interface TranscriptionRequest {
   model: string;
   file: AudioFile;
   /** `json` answers `{"text"}`, `text` the bare text. */
@@ -665,7 +715,7 @@ export async function parseTranscriptionForm(form: FormData): Promise<Transcript
 }
 
 /** `POST /v1/audio/speech` reduced to what Dify's text-to-speech takes. */
-export interface SpeechRequest {
+interface SpeechRequest {
   model: string;
   input: string;
   voice?: string;
@@ -715,14 +765,6 @@ export function parseSpeechRequest(body: unknown): SpeechRequest {
   };
 }
 
-/** A Responses request: the shared chat request, plus what the response object and its chain need. */
-export interface ResponsesRequest extends ChatRequest {
-  /** False: the client keeps the history itself (Codex sends `store: false` and resends it all). */
-  store: boolean;
-  /** Request fields the `response` object echoes back, with OpenAI's documented defaults filled in. */
-  echo: ResponseEcho;
-}
-
 /** The request's settings as every `response` object repeats them. */
 export interface ResponseEcho {
   instructions: string | null;
@@ -743,29 +785,12 @@ export interface ResponseEcho {
   user: string | null;
 }
 
-const unsupported = (field: string, why: string) =>
-  apiError("unsupported_parameter", `\`${field}\` is not supported: ${why}`, { param: field });
-
-/**
- * OpenClaw's `x-session-affinity`: its session id, which may carry a trailing `:N` counter. Only a
- * counter after a UUID is stripped: `chat:42` is a whole id, and cutting it would merge chats.
- */
-const AFFINITY_COUNTER = new RegExp(`^(${UUID.source.slice(1, -1)}):\\d+$`, "i");
-
-/**
- * The client's name for this chat, from the headers and fields clients send it in. Never
- * `x-client-request-id`: in OpenAI's API that is a per-request id and would split every chat.
- */
-function sessionIdOf(body: Record<string, unknown>, headers: Headers): string | undefined {
-  const affinity = headers.get("x-session-affinity")?.trim();
-  const clientMetadata = isObject(body.client_metadata) ? body.client_metadata : {};
-  const metadata = isObject(body.metadata) ? body.metadata : {};
-  const id = headers.get("x-session-id") || headers.get("session-id") || headers.get("session_id") ||
-    headers.get("thread-id") || (affinity && (AFFINITY_COUNTER.exec(affinity)?.[1] ?? affinity)) ||
-    (typeof clientMetadata.session_id === "string" ? clientMetadata.session_id : undefined) ||
-    optionalString(body, "prompt_cache_key") || headers.get("x-openwebui-chat-id") ||
-    (typeof metadata.chat_id === "string" ? metadata.chat_id : undefined);
-  return id?.trim() || undefined;
+/** A Responses request: the shared chat request, plus what the response object and its chain need. */
+interface ResponsesRequest extends ChatRequest {
+  /** False: the client keeps the history itself (Codex sends `store: false` and resends it all). */
+  store: boolean;
+  /** Request fields the `response` object echoes back, with OpenAI's documented defaults filled in. */
+  echo: ResponseEcho;
 }
 
 /** Codex's per-turn `<environment_context>` (cwd, shell, date): for its local agent, not the user's question. */
@@ -975,7 +1000,7 @@ export function isInternalContext(text: string): boolean {
   return text.startsWith("<<<BEGIN_OPENCLAW", text.search(/\S/)) && INTERNAL_CONTEXT.test(text);
 }
 
-export interface Envelope {
+interface Envelope {
   text: string;
   senderId?: string;
   channel?: string;
@@ -1035,6 +1060,15 @@ export function cleanEnvelope(raw: string): Envelope {
 // OpenAI clients send the whole chat; Dify wants one new query. A turn is the user messages after
 // the last assistant message; everything before it is history Dify may already hold.
 
+/** Where one request goes: the app, the key to use, and the app's type. */
+interface Route {
+  app: AppConfig;
+  key: string;
+  /** The key came from the client (pass-through), not from configuration. */
+  clientKey: boolean;
+  type: AppType;
+}
+
 export interface Turn {
   system: string;
   /** Cleaned messages before the new turn, through the last assistant message (no system). */
@@ -1092,6 +1126,26 @@ export function buildTurn(messages: Message[], envelope: Config["envelope"]): Tu
   };
 }
 
+/**
+ * Removes `<think>…</think>` blocks (and the space after each). A scan, not a lazy regex: that one
+ * rescans to the end for every unclosed `<think>`, quadratic on a large message.
+ */
+function stripThink(text: string): string {
+  if (!text.includes("<think>")) return text;
+  let out = "";
+  let at = 0;
+  for (;;) {
+    const open = text.indexOf("<think>", at);
+    const close = open < 0 ? -1 : text.indexOf("</think>", open + 7);
+    // No block closes after this point, so none later can either.
+    if (close < 0) break;
+    out += text.slice(at, open);
+    at = close + 8;
+    while (at < text.length && /\s/.test(text[at])) at++;
+  }
+  return at ? out + text.slice(at) : text;
+}
+
 /** History as a compact transcript, for the first query of a conversation Dify has not seen. */
 export function transcript(history: Message[]): string {
   const label = { user: "User", assistant: "Assistant", tool: "Tool", system: "System" } as const;
@@ -1112,6 +1166,132 @@ export function difyQuery(turn: Turn, fresh: boolean, systemMode: Config["system
 // ─── Conversation store ─────────────────────────────────────────────────────────────────────────
 // Maps a chat onto the Dify conversation that remembers it. Keys are scoped by the client (a hash
 // of its key) and the app, so two clients or two apps never share a conversation.
+
+/**
+ * Each whitespace run as one space. A run that already is one space is not matched: in prose that
+ * is most runs, and skipping them makes OpenClaw's 48 KB system prompt about 4× faster than `\s+`.
+ */
+const SPACING = /\s{2,}|[^\S ]/g;
+
+/** Long texts (OpenClaw resends a 48 KB system prompt every turn) normalised once, up to a bound. */
+const fingerprintTexts = new Map<string, string>();
+let fingerprintChars = 0;
+
+/** How a message looks to the fingerprint: roles and text only, reasoning and spacing normalised. */
+export function fingerprintText(text: string): string {
+  if (text.length < 2048) return stripThink(text).replace(SPACING, " ").trim();
+  let normal = fingerprintTexts.get(text);
+  if (normal === undefined) {
+    normal = stripThink(text).replace(SPACING, " ").trim();
+    if (fingerprintChars > 4_000_000) {
+      fingerprintTexts.clear();
+      fingerprintChars = 0;
+    }
+    fingerprintTexts.set(text, normal);
+    fingerprintChars += text.length;
+  }
+  return normal;
+}
+
+/** SHA-256 of a text's UTF-8 bytes: node:crypto's, built into Deno (also on Deploy) and Bun, and synchronous. */
+function sha256(text: string): Buffer {
+  return createHash("sha256").update(text).digest();
+}
+
+/**
+ * A stable id for "this chat, up to here": SHA-256 over system prompt and messages (role + text).
+ * The client's echo of our answer must produce the same id as the answer we stored.
+ */
+export function fingerprint(system: string, messages: { role: string; text: string }[]): string {
+  const parts = [fingerprintText(system)];
+  for (const m of messages) parts.push(m.role, fingerprintText(m.text));
+  return sha256(parts.join("\u0000")).toString("base64").slice(0, 32);
+}
+
+/** How many characters at the end of `text` could be the start of `tag`. */
+function partialTagAt(text: string, tag: string): number {
+  for (let n = Math.min(tag.length - 1, text.length); n > 0; n--) {
+    if (tag.startsWith(text.slice(-n))) return n;
+  }
+  return 0;
+}
+
+/**
+ * The fingerprint of a chat whose last message, the answer, arrives in pieces: each piece is
+ * normalised as `fingerprintText` would normalise the whole, and hashed at once, so a streamed
+ * answer need not be kept. `digest()` equals `fingerprint(system, [...messages, answer])`.
+ */
+export class AnswerPrint {
+  #hash: ReturnType<typeof createHash>;
+  /** Raw text not yet hashed: a possible start of `<think>`, or a block not closed yet. */
+  #held = "";
+  #inThink = false;
+  /** Whitespace right after a `</think>` goes with the block. */
+  #afterThink = false;
+  /** A whitespace run waits: it becomes one space only if text follows (trimmed at the end). */
+  #space = false;
+  #started = false;
+
+  constructor(system: string, messages: { role: string; text: string }[], role = "assistant") {
+    const parts = [fingerprintText(system)];
+    for (const m of messages) parts.push(m.role, fingerprintText(m.text));
+    parts.push(role, "");
+    this.#hash = createHash("sha256").update(parts.join("\u0000"));
+  }
+
+  push(text: string): void {
+    let rest = this.#held + text;
+    this.#held = "";
+    while (rest) {
+      if (this.#inThink) {
+        const close = rest.indexOf("</think>", 7);
+        // Unclosed so far: kept whole, since an answer that never closes it keeps it as text.
+        if (close < 0) return void (this.#held = rest);
+        rest = rest.slice(close + 8);
+        this.#inThink = false;
+        this.#afterThink = true;
+        continue;
+      }
+      const open = rest.indexOf("<think>");
+      if (open >= 0) {
+        this.#plain(rest.slice(0, open));
+        rest = rest.slice(open);
+        this.#inThink = true;
+        continue;
+      }
+      const partial = partialTagAt(rest, "<think>");
+      this.#plain(rest.slice(0, rest.length - partial));
+      this.#held = rest.slice(rest.length - partial);
+      return;
+    }
+  }
+
+  digest(): string {
+    this.#plain(this.#held);
+    this.#held = "";
+    return this.#hash.digest("base64").slice(0, 32);
+  }
+
+  /** Text outside think blocks: each whitespace run as one space, none at the start or the end. */
+  #plain(text: string): void {
+    if (this.#afterThink) {
+      text = text.replace(/^\s+/, "");
+      if (!text) return;
+      this.#afterThink = false;
+    }
+    let spaced = text.replace(/\s+/g, " ");
+    if (spaced.startsWith(" ")) {
+      spaced = spaced.slice(1);
+      if (this.#started) this.#space = true;
+    }
+    if (!spaced) return;
+    const trailing = spaced.endsWith(" ");
+    if (trailing) spaced = spaced.slice(0, -1);
+    this.#hash.update(this.#space ? " " + spaced : spaced);
+    this.#space = trailing;
+    this.#started = true;
+  }
+}
 
 type StoreKey = string[];
 
@@ -1136,7 +1316,7 @@ export interface Store {
 }
 
 /** Dify remembers a conversation per (conversation id, user): both travel together. */
-export interface Binding {
+interface Binding {
   c: string;
   u: string;
 }
@@ -1186,264 +1366,6 @@ export async function retrying<T>(op: () => T | Promise<T>): Promise<T> {
       const ms = Math.min(1000, 5 * 2 ** attempt);
       await new Promise((resolve) => setTimeout(resolve, ms / 2 + Math.random() * ms));
     }
-  }
-}
-
-/** A write waiting for the next grouped commit; `expected` is checked only when `checked`. */
-interface KvWrite {
-  key: StoreKey;
-  checked: boolean;
-  expected: unknown;
-  value: unknown;
-  ttlMs: number;
-  also: [StoreKey, unknown][];
-  done: (ok: boolean) => void;
-  fail: (e: unknown) => void;
-}
-
-/** Writes per grouped commit: within Deno KV's per-commit limits (and `getMany`'s 10 keys). */
-const KV_BATCH = 10;
-/** How long a write waits for others to share its commit. */
-const KV_GROUP_MS = 10;
-
-/**
- * Store writes, grouped: a write waits up to KV_GROUP_MS (and while a commit is in flight) for
- * others, and they commit together. A commit on a file costs a disk sync or a transaction and
- * ~0.25 ms of CPU, most of a store's cost under load and still much of it one request at a time.
- */
-class WriteGroup {
-  #waiting: KvWrite[] = [];
-  #committing = false;
-  #timer: ReturnType<typeof setTimeout> | undefined;
-
-  /** `commit` takes from the front of `waiting` the writes that can share one commit, and settles each. */
-  constructor(private commit: (waiting: KvWrite[]) => Promise<void>) {}
-
-  /** A plain write, grouped. */
-  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#add(key, false, null, value, ttlMs, []).then(() => {});
-  }
-
-  /** `Store.setIf`, grouped; `soon` commits without waiting for others (with those already waiting). */
-  setIf(
-    key: StoreKey,
-    expected: unknown,
-    value: unknown,
-    ttlMs: number,
-    also: [StoreKey, unknown][],
-    soon = false,
-  ): Promise<boolean> {
-    return this.#add(key, true, expected, value, ttlMs, also, soon);
-  }
-
-  #add(
-    key: StoreKey,
-    checked: boolean,
-    expected: unknown,
-    value: unknown,
-    ttlMs: number,
-    also: [StoreKey, unknown][],
-    soon = false,
-  ): Promise<boolean> {
-    return new Promise((done, fail) => {
-      this.#waiting.push({ key, checked, expected, value, ttlMs, also, done, fail });
-      if (soon) {
-        clearTimeout(this.#timer);
-        this.#timer = setTimeout(() => this.#drain(), 0);
-      } else this.#timer ??= setTimeout(() => this.#drain(), KV_GROUP_MS);
-    });
-  }
-
-  async #drain(): Promise<void> {
-    this.#timer = undefined;
-    if (this.#committing) return;
-    this.#committing = true;
-    try {
-      while (this.#waiting.length) await this.commit(this.#waiting);
-    } finally {
-      this.#committing = false;
-    }
-  }
-}
-
-/** Adds a write's value and its `also` entries to an atomic operation. */
-function setAll(op: Deno.AtomicOperation, w: KvWrite): void {
-  const options = w.ttlMs ? { expireIn: w.ttlMs } : undefined;
-  op.set(w.key, w.value, options);
-  for (const [k, v] of w.also) op.set(k, v, options);
-}
-
-export class DenoKvStore implements Store {
-  #writes = new WriteGroup((waiting) => this.#commit(this.#nextBatch(waiting)));
-
-  constructor(private kv: Deno.Kv) {}
-  async get<T>(key: StoreKey): Promise<T | null> {
-    return (await retrying(() => this.kv.get<T>(key))).value;
-  }
-  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#writes.set(key, value, ttlMs);
-  }
-  setIf(
-    key: StoreKey,
-    expected: unknown,
-    value: unknown,
-    ttlMs: number,
-    also: [StoreKey, unknown][] = [],
-    soon = false,
-  ): Promise<boolean> {
-    return this.#writes.setIf(key, expected, value, ttlMs, also, soon);
-  }
-  async delete(key: StoreKey): Promise<void> {
-    await retrying(() => this.kv.delete(key));
-  }
-  close(): void {
-    this.kv.close();
-  }
-
-  /** The next writes that can share a commit: a check must not depend on a write before it in it. */
-  #nextBatch(waiting: KvWrite[]): KvWrite[] {
-    const batch: KvWrite[] = [];
-    const written = new Set<string>();
-    for (const w of waiting) {
-      const id = JSON.stringify(w.key);
-      if (batch.length === KV_BATCH || (w.checked && written.has(id))) break;
-      batch.push(w);
-      written.add(id);
-      for (const [k] of w.also) written.add(JSON.stringify(k));
-    }
-    waiting.splice(0, batch.length);
-    return batch;
-  }
-
-  async #commit(batch: KvWrite[]): Promise<void> {
-    try {
-      const op = this.kv.atomic();
-      // "Absent" needs no read: a null versionstamp checks it inside the commit.
-      const read = batch.filter((w) => w.checked && w.expected !== null);
-      const current = read.length ? await this.kv.getMany(read.map((w) => w.key)) : [];
-      const stale = new Set(read.filter((w, i) => !sameValue(current[i].value, w.expected)));
-      read.forEach((w, i) => stale.has(w) || op.check(current[i]));
-      const going = batch.filter((w) => !stale.has(w));
-      for (const w of going) {
-        if (w.checked && w.expected === null) op.check({ key: w.key, versionstamp: null });
-        setAll(op, w);
-      }
-      if (going.length && !(await op.commit()).ok) throw new Error("a check failed");
-      for (const w of batch) w.done(!stale.has(w));
-    } catch {
-      // A check that another writer made fail, or a limit: each write on its own, in order.
-      for (const w of batch) await this.#commitOne(w);
-    }
-  }
-
-  async #commitOne(w: KvWrite): Promise<void> {
-    try {
-      w.done(
-        await retrying(async () => {
-          const op = this.kv.atomic();
-          if (w.checked) {
-            const current = await this.kv.get(w.key);
-            if (!sameValue(current.value, w.expected)) return false;
-            op.check(current);
-          }
-          setAll(op, w);
-          return (await op.commit()).ok;
-        }),
-      );
-    } catch (e) {
-      w.fail(e);
-    }
-  }
-}
-
-/** SQLite through bun:sqlite, in WAL mode so several Bun processes can share one file. */
-export class SqliteStore implements Store {
-  // deno-lint-ignore no-explicit-any
-  private constructor(private db: any, private sweeper: ReturnType<typeof setInterval>) {}
-
-  static async open(path: string): Promise<SqliteStore> {
-    const specifier = "bun:sqlite"; // a variable, so Deno never tries to resolve it
-    const { Database } = await import(specifier);
-    const db = new Database(path, { create: true });
-    // busy_timeout before WAL: two processes opening the file at once would otherwise see SQLITE_BUSY.
-    db.exec("PRAGMA busy_timeout = 5000;");
-    db.exec("PRAGMA journal_mode = WAL;");
-    db.exec("PRAGMA synchronous = NORMAL;");
-    db.exec("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, exp INTEGER)");
-    const sweep = () => db.query("DELETE FROM kv WHERE exp IS NOT NULL AND exp < ?").run(Date.now());
-    sweep();
-    const sweeper = setInterval(sweep, 600_000);
-    (sweeper as { unref?: () => void }).unref?.();
-    return new SqliteStore(db, sweeper);
-  }
-
-  private read(k: string): unknown {
-    const row = this.db.query("SELECT v, exp FROM kv WHERE k = ?").get(k) as { v: string; exp: number | null } | null;
-    if (!row || (row.exp !== null && row.exp < Date.now())) return null;
-    return JSON.parse(row.v);
-  }
-
-  private write(k: string, value: unknown, ttlMs: number): void {
-    this.db.query(
-      "INSERT INTO kv (k, v, exp) VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v, exp = excluded.exp",
-    )
-      .run(k, JSON.stringify(value), ttlMs ? Date.now() + ttlMs : null);
-  }
-
-  get<T>(key: StoreKey): Promise<T | null> {
-    return retrying(() => this.read(JSON.stringify(key)) as T | null);
-  }
-  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#writes.set(key, value, ttlMs);
-  }
-  setIf(
-    key: StoreKey,
-    expected: unknown,
-    value: unknown,
-    ttlMs: number,
-    also: [StoreKey, unknown][] = [],
-    soon = false,
-  ) {
-    return this.#writes.setIf(key, expected, value, ttlMs, also, soon);
-  }
-
-  #writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
-
-  async #commit(batch: KvWrite[]): Promise<void> {
-    try {
-      const applied = await retrying(() => this.#transaction(batch));
-      batch.forEach((w, i) => w.done(applied[i]));
-    } catch (e) {
-      for (const w of batch) w.fail(e);
-    }
-  }
-
-  /** One transaction for the whole batch: each write's check sees the writes before it. */
-  #transaction(batch: KvWrite[]): boolean[] {
-    try {
-      this.db.exec("BEGIN IMMEDIATE");
-      const applied = batch.map((w) => {
-        const k = JSON.stringify(w.key);
-        if (w.checked && !sameValue(this.read(k), w.expected)) return false;
-        this.write(k, w.value, w.ttlMs);
-        for (const [key, v] of w.also) this.write(JSON.stringify(key), v, w.ttlMs);
-        return true;
-      });
-      this.db.exec("COMMIT");
-      return applied;
-    } catch (e) {
-      try {
-        this.db.exec("ROLLBACK");
-      } catch { /* no transaction was open */ }
-      throw e;
-    }
-  }
-  delete(key: StoreKey): Promise<void> {
-    return retrying(() => void this.db.query("DELETE FROM kv WHERE k = ?").run(JSON.stringify(key)));
-  }
-  close(): void {
-    clearInterval(this.sweeper);
-    this.db.close();
   }
 }
 
@@ -1587,154 +1509,40 @@ export class ConversationStore {
   }
 }
 
-/**
- * Removes `<think>…</think>` blocks (and the space after each). A scan, not a lazy regex: that one
- * rescans to the end for every unclosed `<think>`, quadratic on a large message.
- */
-function stripThink(text: string): string {
-  if (!text.includes("<think>")) return text;
-  let out = "";
-  let at = 0;
-  for (;;) {
-    const open = text.indexOf("<think>", at);
-    const close = open < 0 ? -1 : text.indexOf("</think>", open + 7);
-    // No block closes after this point, so none later can either.
-    if (close < 0) break;
-    out += text.slice(at, open);
-    at = close + 8;
-    while (at < text.length && /\s/.test(text[at])) at++;
-  }
-  return at ? out + text.slice(at) : text;
+/** How long a claim holds a conversation: past the answer deadline, a crashed process's claim ends. */
+function claimMs(config: Config): number {
+  return (config.answerTimeoutMs || config.upstreamTimeoutMs + config.upstreamIdleMs) + config.shutdownGraceMs;
 }
 
-/**
- * Each whitespace run as one space. A run that already is one space is not matched: in prose that
- * is most runs, and skipping them makes OpenClaw's 48 KB system prompt about 4× faster than `\s+`.
- */
-const SPACING = /\s{2,}|[^\S ]/g;
-
-/** Long texts (OpenClaw resends a 48 KB system prompt every turn) normalised once, up to a bound. */
-const fingerprintTexts = new Map<string, string>();
-let fingerprintChars = 0;
-
-/** How a message looks to the fingerprint: roles and text only, reasoning and spacing normalised. */
-export function fingerprintText(text: string): string {
-  if (text.length < 2048) return stripThink(text).replace(SPACING, " ").trim();
-  let normal = fingerprintTexts.get(text);
-  if (normal === undefined) {
-    normal = stripThink(text).replace(SPACING, " ").trim();
-    if (fingerprintChars > 4_000_000) {
-      fingerprintTexts.clear();
-      fingerprintChars = 0;
-    }
-    fingerprintTexts.set(text, normal);
-    fingerprintChars += text.length;
-  }
-  return normal;
+/** A response the bridge answered: its conversation and Dify user (`previous_response_id`), and the object (GET). */
+interface StoredResponse {
+  c?: string;
+  u: string;
+  /** The `response` object as JSON text (a string costs the store less than an object), unless it was too large. */
+  o?: string;
 }
 
-/** SHA-256 of a text's UTF-8 bytes: node:crypto's, built into Deno (also on Deploy) and Bun, and synchronous. */
-function sha256(text: string): Buffer {
-  return createHash("sha256").update(text).digest();
+/** The largest `response` object kept for `GET /v1/responses/{id}`: a Deno KV value holds at most 64 KiB. */
+const RESPONSE_OBJECT_BYTES = 60 * 1024;
+
+function responseNotFound(id: string, param: string | null = null): ApiError {
+  return apiError("response_not_found", `response ${preview(id)} not found`, { param });
 }
 
-/**
- * A stable id for "this chat, up to here": SHA-256 over system prompt and messages (role + text).
- * The client's echo of our answer must produce the same id as the answer we stored.
- */
-export function fingerprint(system: string, messages: { role: string; text: string }[]): string {
-  const parts = [fingerprintText(system)];
-  for (const m of messages) parts.push(m.role, fingerprintText(m.text));
-  return sha256(parts.join("\u0000")).toString("base64").slice(0, 32);
-}
+const textEncoder = new TextEncoder();
 
-/**
- * The fingerprint of a chat whose last message, the answer, arrives in pieces: each piece is
- * normalised as `fingerprintText` would normalise the whole, and hashed at once, so a streamed
- * answer need not be kept. `digest()` equals `fingerprint(system, [...messages, answer])`.
- */
-export class AnswerPrint {
-  #hash: ReturnType<typeof createHash>;
-  /** Raw text not yet hashed: a possible start of `<think>`, or a block not closed yet. */
-  #held = "";
-  #inThink = false;
-  /** Whitespace right after a `</think>` goes with the block. */
-  #afterThink = false;
-  /** A whitespace run waits: it becomes one space only if text follows (trimmed at the end). */
-  #space = false;
-  #started = false;
-
-  constructor(system: string, messages: { role: string; text: string }[], role = "assistant") {
-    const parts = [fingerprintText(system)];
-    for (const m of messages) parts.push(m.role, fingerprintText(m.text));
-    parts.push(role, "");
-    this.#hash = createHash("sha256").update(parts.join("\u0000"));
-  }
-
-  push(text: string): void {
-    let rest = this.#held + text;
-    this.#held = "";
-    while (rest) {
-      if (this.#inThink) {
-        const close = rest.indexOf("</think>", 7);
-        // Unclosed so far: kept whole, since an answer that never closes it keeps it as text.
-        if (close < 0) return void (this.#held = rest);
-        rest = rest.slice(close + 8);
-        this.#inThink = false;
-        this.#afterThink = true;
-        continue;
-      }
-      const open = rest.indexOf("<think>");
-      if (open >= 0) {
-        this.#plain(rest.slice(0, open));
-        rest = rest.slice(open);
-        this.#inThink = true;
-        continue;
-      }
-      const partial = partialTagAt(rest, "<think>");
-      this.#plain(rest.slice(0, rest.length - partial));
-      this.#held = rest.slice(rest.length - partial);
-      return;
-    }
-  }
-
-  digest(): string {
-    this.#plain(this.#held);
-    this.#held = "";
-    return this.#hash.digest("base64").slice(0, 32);
-  }
-
-  /** Text outside think blocks: each whitespace run as one space, none at the start or the end. */
-  #plain(text: string): void {
-    if (this.#afterThink) {
-      text = text.replace(/^\s+/, "");
-      if (!text) return;
-      this.#afterThink = false;
-    }
-    let spaced = text.replace(/\s+/g, " ");
-    if (spaced.startsWith(" ")) {
-      spaced = spaced.slice(1);
-      if (this.#started) this.#space = true;
-    }
-    if (!spaced) return;
-    const trailing = spaced.endsWith(" ");
-    if (trailing) spaced = spaced.slice(0, -1);
-    this.#hash.update(this.#space ? " " + spaced : spaced);
-    this.#space = trailing;
-    this.#started = true;
-  }
-}
-
-/** How many characters at the end of `text` could be the start of `tag`. */
-function partialTagAt(text: string, tag: string): number {
-  for (let n = Math.min(tag.length - 1, text.length); n > 0; n--) {
-    if (tag.startsWith(text.slice(-n))) return n;
-  }
-  return 0;
+/** What is stored for a response: always its conversation, the object too when it fits in one store value. */
+function storedResponse(conversation: string | undefined, user: string, object: unknown): StoredResponse {
+  const stored: StoredResponse = { u: user };
+  if (conversation) stored.c = conversation;
+  const json = JSON.stringify(object);
+  const bytes = json.length * 3 <= RESPONSE_OBJECT_BYTES ? json.length : textEncoder.encode(json).length;
+  if (bytes <= RESPONSE_OBJECT_BYTES) stored.o = json;
+  return stored;
 }
 
 /** Where a request's conversation came from; decides what is stored after the turn. */
-export interface Resolution {
+interface Resolution {
   via: "explicit" | "response" | "session" | "history" | "user" | "new";
   conversationId?: string;
   user: string;
@@ -1743,7 +1551,7 @@ export interface Resolution {
 }
 
 /** What conversation resolution needs from the server: its settings, the store, and the in-flight sets. */
-export interface ConversationContext {
+interface ConversationContext {
   config: Config;
   store: ConversationStore;
   /** Conversations a request in this process is continuing right now: a twin request branches. */
@@ -1807,9 +1615,11 @@ export async function resolveConversation(
   return { via: "history", conversationId: b.c, user: b.u, head: claimed };
 }
 
-/** How long a claim holds a conversation: past the answer deadline, a crashed process's claim ends. */
-function claimMs(config: Config): number {
-  return (config.answerTimeoutMs || config.upstreamTimeoutMs + config.upstreamIdleMs) + config.shutdownGraceMs;
+/** What recording a turn needs of its answer (a `Translation` has both). */
+interface Answered {
+  conversationId?: string;
+  /** The answer's text, when it was kept (aggregated answers); streamed ones bring their `AnswerPrint`. */
+  content: string;
 }
 
 /**
@@ -1823,7 +1633,7 @@ export function recordTurn(
   r: Route,
   client: string,
   res: Resolution,
-  t: Translation,
+  t: Answered,
   print?: AnswerPrint,
 ): void {
   const conversation = t.conversationId;
@@ -1862,34 +1672,9 @@ export function recordTurn(
 }
 
 /** The turn is over (answered, failed or abandoned): another request may continue its conversation. */
-export function releaseConversation({ continuing, store }: ConversationContext, res: Resolution): void {
+function releaseConversation({ continuing, store }: ConversationContext, res: Resolution): void {
   if (res.via === "history" && res.conversationId) continuing.delete(res.conversationId);
   if (res.via === "history" && res.head) store.release(res.head);
-}
-
-/** A response the bridge answered: its conversation and Dify user (`previous_response_id`), and the object (GET). */
-export interface StoredResponse {
-  c?: string;
-  u: string;
-  /** The `response` object as JSON text (a string costs the store less than an object), unless it was too large. */
-  o?: string;
-}
-
-/** The largest `response` object kept for `GET /v1/responses/{id}`: a Deno KV value holds at most 64 KiB. */
-export const RESPONSE_OBJECT_BYTES = 60 * 1024;
-
-export function responseNotFound(id: string, param: string | null = null): ApiError {
-  return apiError("response_not_found", `response ${preview(id)} not found`, { param });
-}
-
-/** What is stored for a response: always its conversation, the object too when it fits in one store value. */
-export function storedResponse(conversation: string | undefined, user: string, object: unknown): StoredResponse {
-  const stored: StoredResponse = { u: user };
-  if (conversation) stored.c = conversation;
-  const json = JSON.stringify(object);
-  const bytes = json.length * 3 <= RESPONSE_OBJECT_BYTES ? json.length : textEncoder.encode(json).length;
-  if (bytes <= RESPONSE_OBJECT_BYTES) stored.o = json;
-  return stored;
 }
 
 // ─── Dify client ────────────────────────────────────────────────────────────────────────────────
@@ -1903,7 +1688,7 @@ const DIFY_MODES: Record<string, AppType> = {
   completion: "completion",
 };
 
-export const difyPaths: Record<AppType, { run: string; stop: (task: string) => string }> = {
+const difyPaths: Record<AppType, { run: string; stop: (task: string) => string }> = {
   chat: { run: "/chat-messages", stop: (t) => `/chat-messages/${t}/stop` },
   agent: { run: "/chat-messages", stop: (t) => `/chat-messages/${t}/stop` },
   chatflow: { run: "/chat-messages", stop: (t) => `/chat-messages/${t}/stop` },
@@ -1911,7 +1696,7 @@ export const difyPaths: Record<AppType, { run: string; stop: (task: string) => s
   workflow: { run: "/workflows/run", stop: (t) => `/workflows/tasks/${encodeURIComponent(t)}/stop` },
 };
 
-export interface DifyFile {
+interface DifyFile {
   type: DifyFileType;
   transfer_method: "remote_url" | "local_file";
   url?: string;
@@ -2034,15 +1819,6 @@ function connectionError(e: unknown, app: AppConfig, signal: AbortSignal): ApiEr
   );
 }
 
-/** Where one request goes: the app, the key to use, and the app's type. */
-interface Route {
-  app: AppConfig;
-  key: string;
-  /** The key came from the client (pass-through), not from configuration. */
-  clientKey: boolean;
-  type: AppType;
-}
-
 /**
  * POSTs one file (and the `user` it belongs to) to a Dify multipart endpoint; answers the JSON body
  * when it has `field` as a string, else throws the error Dify's answer means.
@@ -2090,7 +1866,7 @@ function upload(
 }
 
 /** Client attachments as Dify file references, uploading inline data first (same `user` as the chat call). */
-export async function difyFiles(
+async function difyFiles(
   fetch: typeof globalThis.fetch,
   r: Route,
   user: string,
@@ -2104,6 +1880,87 @@ export async function difyFiles(
         : { type: f.type, transfer_method: "local_file", upload_file_id: await upload(fetch, r, user, f, signal) }
     ),
   );
+}
+
+/** Reads a body chunk by chunk; `null` at the end. The chunk may be overwritten by the next read. */
+export interface ChunkReader {
+  read(): Promise<Uint8Array | null>;
+  cancel(): void;
+}
+
+const CLIENT_GONE = apiError("client_closed", "client closed the request");
+/** How long a call whose client has left may wait for Dify to name the task to stop. */
+const GONE_GRACE_MS = 5000;
+
+/** The limits one exchange is watched against (from the configuration). */
+type ExchangeLimits = Pick<
+  Config,
+  "keepaliveMs" | "upstreamTimeoutMs" | "upstreamIdleMs" | "bodyTimeoutMs" | "answerTimeoutMs"
+>;
+
+/** One request's call to Dify: its abort switch, its clocks, and what the watchdog checks. */
+export class Exchange {
+  readonly upstream = new AbortController();
+  readonly started: number;
+  /** Last Dify event (or the start, while waiting for headers): pings and stray bytes do not count. */
+  lastEvent: number;
+  /** Last bytes handed to the client; -1 while no stream is open to it. */
+  lastWrite = -1;
+  headersReceived = false;
+  /** Since when output has waited for a client that does not read (Dify is not read meanwhile). */
+  stalledSince?: number;
+  /** When the client left; the call ends as soon as Dify names the task to stop. */
+  goneAt?: number;
+  keepalive?: () => void;
+
+  constructor(readonly now: () => number) {
+    this.started = now();
+    this.lastEvent = this.started;
+  }
+
+  abort(reason: ApiError): void {
+    if (!this.upstream.signal.aborted) this.upstream.abort(reason);
+  }
+
+  /** The client left: Dify keeps generating (and billing) until its task is stopped, so read on until it is named. */
+  leave(taskId: string | undefined): void {
+    if (this.upstream.signal.aborted || this.goneAt !== undefined) return;
+    this.goneAt = this.now();
+    if (taskId) this.abort(CLIENT_GONE);
+  }
+
+  /** Why the watchdog must end this exchange now, if it must. */
+  overdue(now: number, limits: ExchangeLimits): ApiError | undefined {
+    const { upstreamTimeoutMs, upstreamIdleMs, answerTimeoutMs } = limits;
+    if (answerTimeoutMs && now - this.started > answerTimeoutMs) {
+      return apiError(
+        "answer_timeout",
+        `the answer took longer than ${answerTimeoutMs / 1000} s (ANSWER_TIMEOUT_SECONDS)`,
+      );
+    }
+    if (this.goneAt !== undefined && now - this.goneAt > GONE_GRACE_MS) return CLIENT_GONE;
+    if (!this.headersReceived) {
+      if (upstreamTimeoutMs && now - this.started > upstreamTimeoutMs) {
+        return apiError(
+          "upstream_timeout",
+          `Dify sent nothing within ${upstreamTimeoutMs / 1000} s (UPSTREAM_TIMEOUT_SECONDS)`,
+        );
+      }
+    } else if (this.stalledSince !== undefined) {
+      if (upstreamIdleMs && now - this.stalledSince > upstreamIdleMs) {
+        return apiError(
+          "client_stalled",
+          `the client read nothing for ${upstreamIdleMs / 1000} s (UPSTREAM_IDLE_SECONDS)`,
+        );
+      }
+    } else if (upstreamIdleMs && now - this.lastEvent > upstreamIdleMs) {
+      return apiError(
+        "upstream_idle_timeout",
+        `Dify sent no event for ${upstreamIdleMs / 1000} s mid-answer (UPSTREAM_IDLE_SECONDS)`,
+      );
+    }
+    return undefined;
+  }
 }
 
 /** Opens Dify's event stream for this request; any other answer becomes the error it means. */
@@ -2134,7 +1991,7 @@ export async function callDify(
 }
 
 /** Asks Dify to stop a task (fire and forget): it keeps generating, and billing, otherwise. */
-export function stopTask(fetch: typeof globalThis.fetch, r: Route, taskId: string, user: string): void {
+function stopTask(fetch: typeof globalThis.fetch, r: Route, taskId: string, user: string): void {
   fetch(`${r.app.url}${difyPaths[r.type].stop(taskId)}`, {
     method: "POST",
     headers: { authorization: `Bearer ${r.key}`, "content-type": "application/json" },
@@ -2144,7 +2001,7 @@ export function stopTask(fetch: typeof globalThis.fetch, r: Route, taskId: strin
 }
 
 /** What the bridge needs from an app's `GET /parameters`: the inputs it requires and its speech switches. */
-export interface AppParameters {
+interface AppParameters {
   /** Input variables Dify rejects a run without (missing, null or ""), with their labels. */
   required: { variable: string; label: string }[];
   speechToText: boolean;
@@ -2224,13 +2081,6 @@ export class ParametersCache {
     } catch { /* unknown: Dify still validates the run */ }
     return undefined;
   }
-}
-
-/** An audio file a client sent for transcription. */
-export interface AudioFile {
-  bytes: Uint8Array;
-  filename: string;
-  mime: string;
 }
 
 const DIFY_AUDIO_TYPES: [RegExp, string][] = [
@@ -2333,6 +2183,14 @@ export interface Sink {
   ping(): void;
 }
 
+/** A form a paused workflow waits on: where it is and what it asks. */
+interface HumanForm {
+  node: string;
+  title: string;
+  content: string;
+  actions: string[];
+}
+
 /** Everything known about one answer while Dify streams it. */
 export interface Translation {
   type: AppType;
@@ -2369,14 +2227,6 @@ export interface Translation {
   paused?: { nodes: string[]; run?: string };
 }
 
-/** A form a paused workflow waits on: where it is and what it asks. */
-export interface HumanForm {
-  node: string;
-  title: string;
-  content: string;
-  actions: string[];
-}
-
 export function newTranslation(type: AppType, stream: boolean, keep = !stream): Translation {
   return {
     type,
@@ -2394,6 +2244,17 @@ export function newTranslation(type: AppType, stream: boolean, keep = !stream): 
 /** What a translation that does not keep its texts remembers of them: enough to see how one ends. */
 const TEXT_TAIL = 16;
 
+/** UTF-8 length of a text, without encoding it. */
+function utf8Length(text: string): number {
+  let n = text.length;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    // Two bytes below U+0800, three above; a surrogate pair (two units) is four.
+    if (c >= 0x80) n += c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2;
+  }
+  return n;
+}
+
 function addContent(t: Translation, text: string): void {
   t.content = t.keep ? t.content + text : (t.content + text).slice(-TEXT_TAIL);
   t.bytes += utf8Length(text);
@@ -2406,17 +2267,6 @@ export interface TranslateOptions {
   origin: string;
   app: AppConfig;
   clientKey: boolean;
-}
-
-/** UTF-8 length of a text, without encoding it. */
-function utf8Length(text: string): number {
-  let n = text.length;
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    // Two bytes below U+0800, three above; a surrogate pair (two units) is four.
-    if (c >= 0x80) n += c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2;
-  }
-  return n;
 }
 
 /** Ends an open inline `<think>` block (REASONING=think) before anything else is said. */
@@ -2502,7 +2352,7 @@ function humanForm(d: Record<string, unknown>): HumanForm {
 }
 
 /** The answer's closing words when a workflow pauses for a person: what it waits for, and where. */
-export function pausedText(forms: HumanForm[]): string {
+function pausedText(forms: HumanForm[]): string {
   const asks = forms.map((f) => {
     const where = f.title ? `"${f.title}"` : f.node ? `node ${f.node}` : "a form";
     const actions = f.actions.length ? ` (${f.actions.join(" / ")})` : "";
@@ -2754,89 +2604,8 @@ export function parseSseLine(bytes: Uint8Array, start: number, end: number): Rec
   return null;
 }
 
-// ─── Exchanges: one Dify call, watched ──────────────────────────────────────────────────────────
+// ─── Reading Dify: the watchdog and the event reader ─────────────────────────────────────────────
 // One timer serves every open exchange: a per-event timer reset would cost more than the events.
-
-/** Reads a body chunk by chunk; `null` at the end. The chunk may be overwritten by the next read. */
-export interface ChunkReader {
-  read(): Promise<Uint8Array | null>;
-  cancel(): void;
-}
-
-const CLIENT_GONE = apiError("client_closed", "client closed the request");
-/** How long a call whose client has left may wait for Dify to name the task to stop. */
-const GONE_GRACE_MS = 5000;
-
-/** The limits one exchange is watched against (from the configuration). */
-export type ExchangeLimits = Pick<
-  Config,
-  "keepaliveMs" | "upstreamTimeoutMs" | "upstreamIdleMs" | "bodyTimeoutMs" | "answerTimeoutMs"
->;
-
-/** One request's call to Dify: its abort switch, its clocks, and what the watchdog checks. */
-export class Exchange {
-  readonly upstream = new AbortController();
-  readonly started: number;
-  /** Last Dify event (or the start, while waiting for headers): pings and stray bytes do not count. */
-  lastEvent: number;
-  /** Last bytes handed to the client; -1 while no stream is open to it. */
-  lastWrite = -1;
-  headersReceived = false;
-  /** Since when output has waited for a client that does not read (Dify is not read meanwhile). */
-  stalledSince?: number;
-  /** When the client left; the call ends as soon as Dify names the task to stop. */
-  goneAt?: number;
-  keepalive?: () => void;
-
-  constructor(readonly now: () => number) {
-    this.started = now();
-    this.lastEvent = this.started;
-  }
-
-  abort(reason: ApiError): void {
-    if (!this.upstream.signal.aborted) this.upstream.abort(reason);
-  }
-
-  /** The client left: Dify keeps generating (and billing) until its task is stopped, so read on until it is named. */
-  leave(taskId: string | undefined): void {
-    if (this.upstream.signal.aborted || this.goneAt !== undefined) return;
-    this.goneAt = this.now();
-    if (taskId) this.abort(CLIENT_GONE);
-  }
-
-  /** Why the watchdog must end this exchange now, if it must. */
-  overdue(now: number, limits: ExchangeLimits): ApiError | undefined {
-    const { upstreamTimeoutMs, upstreamIdleMs, answerTimeoutMs } = limits;
-    if (answerTimeoutMs && now - this.started > answerTimeoutMs) {
-      return apiError(
-        "answer_timeout",
-        `the answer took longer than ${answerTimeoutMs / 1000} s (ANSWER_TIMEOUT_SECONDS)`,
-      );
-    }
-    if (this.goneAt !== undefined && now - this.goneAt > GONE_GRACE_MS) return CLIENT_GONE;
-    if (!this.headersReceived) {
-      if (upstreamTimeoutMs && now - this.started > upstreamTimeoutMs) {
-        return apiError(
-          "upstream_timeout",
-          `Dify sent nothing within ${upstreamTimeoutMs / 1000} s (UPSTREAM_TIMEOUT_SECONDS)`,
-        );
-      }
-    } else if (this.stalledSince !== undefined) {
-      if (upstreamIdleMs && now - this.stalledSince > upstreamIdleMs) {
-        return apiError(
-          "client_stalled",
-          `the client read nothing for ${upstreamIdleMs / 1000} s (UPSTREAM_IDLE_SECONDS)`,
-        );
-      }
-    } else if (upstreamIdleMs && now - this.lastEvent > upstreamIdleMs) {
-      return apiError(
-        "upstream_idle_timeout",
-        `Dify sent no event for ${upstreamIdleMs / 1000} s mid-answer (UPSTREAM_IDLE_SECONDS)`,
-      );
-    }
-    return undefined;
-  }
-}
 
 /** Something due at `at` (the watchdog's clock): see `Watchdog.deadline`. */
 interface Deadline {
@@ -3008,10 +2777,8 @@ export function pump(
 // One translated answer, written the way the client's API wants it. A route picks the format; the
 // streaming core below knows nothing of chunks or events.
 
-const textEncoder = new TextEncoder();
-
 /** How one answer is written for the client: the frames of a stream, or one JSON object (`stream: false`). */
-export interface AnswerFormat {
+interface AnswerFormat {
   /** Frames that open a committed stream (chat: the role chunk). */
   open(): string;
   content(text: string): string;
@@ -3029,7 +2796,7 @@ export interface AnswerFormat {
 const CHUNK_TAIL = `},"logprobs":null,"finish_reason":null}]}\n\n`;
 const NO_USAGE: Usage = { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 };
 
-export const SSE_DONE = "data: [DONE]\n\n";
+const SSE_DONE = "data: [DONE]\n\n";
 
 export function errorFrame(e: ApiError): string {
   return `data: ${errorJson(e)}\n\n`;
@@ -3100,7 +2867,7 @@ const FINAL_SERVER_ERRORS = new Set(["answer_too_large", "answer_timeout"]);
  * The code of a failed response, as clients read it: Codex resends the request 5 more times after
  * `server_error` or `rate_limit_exceeded`, so only what a retry may fix (a 5xx, a 429) says so.
  */
-export function failedCode(e: ApiError): "server_error" | "rate_limit_exceeded" | "invalid_prompt" {
+function failedCode(e: ApiError): "server_error" | "rate_limit_exceeded" | "invalid_prompt" {
   if (e.status === 429) return "rate_limit_exceeded";
   return e.status >= 500 && !FINAL_SERVER_ERRORS.has(e.code ?? "") ? "server_error" : "invalid_prompt";
 }
@@ -3323,7 +3090,7 @@ export class Frames implements Sink {
 type StreamState = "holding" | "open" | "closed";
 
 /** Where a streamed answer's bytes go: the response body, as the runtime makes it (see `Runtime.streamBody`). */
-export interface BodyWriter {
+interface BodyWriter {
   /** Queues bytes; the promise, if any, settles when the client has taken enough to make room for more. */
   write(bytes: Uint8Array): Promise<void> | void;
   /** A write now would not wait: keepalives go only into an empty pipe. */
@@ -3334,7 +3101,7 @@ export interface BodyWriter {
 }
 
 /** Makes a response body that calls `start` with its writer once the runtime wants bytes, and `cancel` if the client leaves. */
-export type StreamBody = (start: (writer: BodyWriter) => void, cancel: () => void) => ReadableStream<Uint8Array>;
+type StreamBody = (start: (writer: BodyWriter) => void, cancel: () => void) => ReadableStream<Uint8Array>;
 
 /** A standard pull stream (Deno): one chunk queued at most; the next pull means the client took it. */
 export const pullStreamBody: StreamBody = (start, cancel) => {
@@ -3550,7 +3317,7 @@ export function jsonResponse(status: number, body: unknown, headers: Record<stri
   });
 }
 
-export function errorResponse(e: ApiError, headers: Record<string, string> = {}): Response {
+function errorResponse(e: ApiError, headers: Record<string, string> = {}): Response {
   return new Response(errorJson(e), {
     status: e.status,
     headers: { "content-type": "application/json", ...CORS_HEADERS, ...e.headers, ...headers },
@@ -3558,35 +3325,47 @@ export function errorResponse(e: ApiError, headers: Record<string, string> = {})
 }
 
 /** Starts a time limit: calls `expire` after `ms` unless the returned cancel runs first. */
-export type DeadlineClock = (ms: number, expire: () => void) => () => void;
+type DeadlineClock = (ms: number, expire: () => void) => () => void;
 
-/** Reads a request body within the size limit and the time limit, as JSON. */
-export async function readJsonBody(
-  req: Request,
-  limit: number,
-  timeoutMs: number,
-  deadline: DeadlineClock,
-): Promise<unknown> {
-  return parseJsonBytes(await readBody(req, limit, timeoutMs, deadline));
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
+
+function parseJsonBytes(bytes: Uint8Array): unknown {
+  let text: string;
+  try {
+    text = strictUtf8.decode(bytes);
+  } catch {
+    throw badRequest("the request body is not valid UTF-8", null, "invalid_encoding");
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw badRequest(`the request body is not valid JSON: ${(e as Error).message}`, null, "invalid_json");
+  }
 }
 
-/** Reads a `multipart/form-data` body (an audio upload) within the size limit and the time limit. */
-export async function readFormBody(
-  req: Request,
-  limit: number,
-  timeoutMs: number,
-  deadline: DeadlineClock,
-): Promise<FormData> {
-  const type = req.headers.get("content-type") ?? "";
-  if (!/^multipart\/form-data\s*;/i.test(type)) {
-    throw badRequest("the request body must be multipart/form-data (with `file` and `model`)");
+function bodyTimeout(timeoutMs: number): ApiError {
+  return apiError("request_timeout", `request body not received within ${timeoutMs / 1000} s`);
+}
+
+/** A chunked body's bytes, failing with `tooBig()` as soon as they pass `limit`. */
+async function readCapped(reader: ReadableStreamDefaultReader<Uint8Array>, limit: number, tooBig: () => ApiError) {
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    size += value.length;
+    if (size > limit) throw tooBig();
+    chunks.push(value);
   }
-  const bytes = await readBody(req, limit, timeoutMs, deadline);
-  try {
-    return await new Response(bytes as BodyInit, { headers: { "content-type": type } }).formData();
-  } catch {
-    throw badRequest("the multipart/form-data body could not be parsed");
+  if (chunks.length === 1) return chunks[0];
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  for (const c of chunks) {
+    bytes.set(c, at);
+    at += c.length;
   }
+  return bytes;
 }
 
 /** A request body's bytes, within the size limit and the time limit. */
@@ -3617,45 +3396,33 @@ async function readBody(req: Request, limit: number, timeoutMs: number, deadline
   }
 }
 
-/** A chunked body's bytes, failing with `tooBig()` as soon as they pass `limit`. */
-async function readCapped(reader: ReadableStreamDefaultReader<Uint8Array>, limit: number, tooBig: () => ApiError) {
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    size += value.length;
-    if (size > limit) throw tooBig();
-    chunks.push(value);
-  }
-  if (chunks.length === 1) return chunks[0];
-  const bytes = new Uint8Array(size);
-  let at = 0;
-  for (const c of chunks) {
-    bytes.set(c, at);
-    at += c.length;
-  }
-  return bytes;
+/** Reads a request body within the size limit and the time limit, as JSON. */
+export async function readJsonBody(
+  req: Request,
+  limit: number,
+  timeoutMs: number,
+  deadline: DeadlineClock,
+): Promise<unknown> {
+  return parseJsonBytes(await readBody(req, limit, timeoutMs, deadline));
 }
 
-const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
-
-function parseJsonBytes(bytes: Uint8Array): unknown {
-  let text: string;
+/** Reads a `multipart/form-data` body (an audio upload) within the size limit and the time limit. */
+async function readFormBody(
+  req: Request,
+  limit: number,
+  timeoutMs: number,
+  deadline: DeadlineClock,
+): Promise<FormData> {
+  const type = req.headers.get("content-type") ?? "";
+  if (!/^multipart\/form-data\s*;/i.test(type)) {
+    throw badRequest("the request body must be multipart/form-data (with `file` and `model`)");
+  }
+  const bytes = await readBody(req, limit, timeoutMs, deadline);
   try {
-    text = strictUtf8.decode(bytes);
+    return await new Response(bytes as BodyInit, { headers: { "content-type": type } }).formData();
   } catch {
-    throw badRequest("the request body is not valid UTF-8", null, "invalid_encoding");
+    throw badRequest("the multipart/form-data body could not be parsed");
   }
-  try {
-    return JSON.parse(text);
-  } catch (e) {
-    throw badRequest(`the request body is not valid JSON: ${(e as Error).message}`, null, "invalid_json");
-  }
-}
-
-function bodyTimeout(timeoutMs: number): ApiError {
-  return apiError("request_timeout", `request body not received within ${timeoutMs / 1000} s`);
 }
 
 /** Equal digests, compared without an early exit. */
@@ -3707,6 +3474,11 @@ const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 /** The most label sets one metric keeps: some label values come from clients (models, error codes). */
 const MAX_SERIES = 1000;
 const OVERFLOW = "other";
+
+/** A label value as the text format writes it: backslash, double quote and line feed escaped. */
+function labelValue(v: string): string {
+  return v.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`));
+}
 
 /** One metric: its series by label values; a series holds a counter's value, or a histogram's cells. */
 class MetricFamily {
@@ -3771,11 +3543,6 @@ class MetricFamily {
   }
 }
 
-/** A label value as the text format writes it: backslash, double quote and line feed escaped. */
-function labelValue(v: string): string {
-  return v.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`));
-}
-
 /** The route a request path counts under: a known route's template, or `other` (paths are the client's). */
 export function routeLabel(pathname: string): string {
   const path = pathname.replace(/\/+$/, "").replace(/^\/v1(?=\/|$)/, "") || "/";
@@ -3799,12 +3566,6 @@ interface AnsweredEntry {
   ttft_ms?: unknown;
   conversation_via?: unknown;
   recovered?: unknown;
-}
-
-/** Metrics whose model label is a served model id, or the catch-all app's for any other name (names are the client's). */
-export function metricsFor(config: Config): Metrics {
-  const fallback = config.catchAll?.model ?? OVERFLOW;
-  return new Metrics((model) => (config.apps.has(model) ? model : fallback));
 }
 
 /** The bridge's counters and histograms, bumped by the server as requests are answered. */
@@ -3958,7 +3719,13 @@ export class Metrics {
   }
 }
 
-// ─── The bridge: routes, and one chat completion from request to answer ─────────────────────────
+/** Metrics whose model label is a served model id, or the catch-all app's for any other name (names are the client's). */
+export function metricsFor(config: Config): Metrics {
+  const fallback = config.catchAll?.model ?? OVERFLOW;
+  return new Metrics((model) => (config.apps.has(model) ? model : fallback));
+}
+
+// ─── The bridge: routes, and one answer from request to record ───────────────────────────────────
 
 export interface Deps {
   store: ConversationStore;
@@ -3978,7 +3745,7 @@ export interface Deps {
 const NO_SINK: Sink = { content() {}, reasoning() {}, ping() {} };
 
 /** What a route hands the answer: the parsed request, who asks, and how the answer is written. */
-export interface Ask {
+interface Ask {
   request: ChatRequest;
   /** The client's id: a hash of its key. */
   client: string;
@@ -4539,7 +4306,7 @@ export function createServer(config: Config, deps: Deps) {
 // storage and how Dify's body is read. The handler above is a plain (Request) => Response.
 
 /** A reader over any stream's default reader (Bun's chunks are already large). */
-export function defaultReader(body: ReadableStream<Uint8Array>): ChunkReader {
+function defaultReader(body: ReadableStream<Uint8Array>): ChunkReader {
   const reader = body.getReader();
   return {
     async read() {
@@ -4560,7 +4327,7 @@ interface DirectController {
  * Bun: a direct stream (`type: "direct"`), whose writes wait while the client is not reading. Bun
  * calls `pull` once; the body stays open until the promise it returns settles.
  */
-export const directStreamBody: StreamBody = (start, cancel) => {
+const directStreamBody: StreamBody = (start, cancel) => {
   let gone = false;
   const source = {
     type: "direct",
@@ -4622,7 +4389,7 @@ interface Served {
 }
 
 /** How the runtime serves: the port, the idle-connection limit, and where its warnings go. */
-export interface ServeOptions {
+interface ServeOptions {
   port: number;
   /** `Config.idleConnectionMs`: 0 keeps idle connections open. */
   idleConnectionMs: number;
@@ -4672,6 +4439,264 @@ interface ProcessLike {
 function dirOf(path: string): string {
   const i = path.lastIndexOf("/");
   return i > 0 ? path.slice(0, i) : "";
+}
+
+/** A write waiting for the next grouped commit; `expected` is checked only when `checked`. */
+interface KvWrite {
+  key: StoreKey;
+  checked: boolean;
+  expected: unknown;
+  value: unknown;
+  ttlMs: number;
+  also: [StoreKey, unknown][];
+  done: (ok: boolean) => void;
+  fail: (e: unknown) => void;
+}
+
+/** Writes per grouped commit: within Deno KV's per-commit limits (and `getMany`'s 10 keys). */
+const KV_BATCH = 10;
+/** How long a write waits for others to share its commit. */
+const KV_GROUP_MS = 10;
+
+/**
+ * Store writes, grouped: a write waits up to KV_GROUP_MS (and while a commit is in flight) for
+ * others, and they commit together. A commit on a file costs a disk sync or a transaction and
+ * ~0.25 ms of CPU, most of a store's cost under load and still much of it one request at a time.
+ */
+class WriteGroup {
+  #waiting: KvWrite[] = [];
+  #committing = false;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+
+  /** `commit` takes from the front of `waiting` the writes that can share one commit, and settles each. */
+  constructor(private commit: (waiting: KvWrite[]) => Promise<void>) {}
+
+  /** A plain write, grouped. */
+  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
+    return this.#add(key, false, null, value, ttlMs, []).then(() => {});
+  }
+
+  /** `Store.setIf`, grouped; `soon` commits without waiting for others (with those already waiting). */
+  setIf(
+    key: StoreKey,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also: [StoreKey, unknown][],
+    soon = false,
+  ): Promise<boolean> {
+    return this.#add(key, true, expected, value, ttlMs, also, soon);
+  }
+
+  #add(
+    key: StoreKey,
+    checked: boolean,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also: [StoreKey, unknown][],
+    soon = false,
+  ): Promise<boolean> {
+    return new Promise((done, fail) => {
+      this.#waiting.push({ key, checked, expected, value, ttlMs, also, done, fail });
+      if (soon) {
+        clearTimeout(this.#timer);
+        this.#timer = setTimeout(() => this.#drain(), 0);
+      } else this.#timer ??= setTimeout(() => this.#drain(), KV_GROUP_MS);
+    });
+  }
+
+  async #drain(): Promise<void> {
+    this.#timer = undefined;
+    if (this.#committing) return;
+    this.#committing = true;
+    try {
+      while (this.#waiting.length) await this.commit(this.#waiting);
+    } finally {
+      this.#committing = false;
+    }
+  }
+}
+
+/** Adds a write's value and its `also` entries to an atomic operation. */
+function setAll(op: Deno.AtomicOperation, w: KvWrite): void {
+  const options = w.ttlMs ? { expireIn: w.ttlMs } : undefined;
+  op.set(w.key, w.value, options);
+  for (const [k, v] of w.also) op.set(k, v, options);
+}
+
+export class DenoKvStore implements Store {
+  #writes = new WriteGroup((waiting) => this.#commit(this.#nextBatch(waiting)));
+
+  constructor(private kv: Deno.Kv) {}
+  async get<T>(key: StoreKey): Promise<T | null> {
+    return (await retrying(() => this.kv.get<T>(key))).value;
+  }
+  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
+    return this.#writes.set(key, value, ttlMs);
+  }
+  setIf(
+    key: StoreKey,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also: [StoreKey, unknown][] = [],
+    soon = false,
+  ): Promise<boolean> {
+    return this.#writes.setIf(key, expected, value, ttlMs, also, soon);
+  }
+  async delete(key: StoreKey): Promise<void> {
+    await retrying(() => this.kv.delete(key));
+  }
+  close(): void {
+    this.kv.close();
+  }
+
+  /** The next writes that can share a commit: a check must not depend on a write before it in it. */
+  #nextBatch(waiting: KvWrite[]): KvWrite[] {
+    const batch: KvWrite[] = [];
+    const written = new Set<string>();
+    for (const w of waiting) {
+      const id = JSON.stringify(w.key);
+      if (batch.length === KV_BATCH || (w.checked && written.has(id))) break;
+      batch.push(w);
+      written.add(id);
+      for (const [k] of w.also) written.add(JSON.stringify(k));
+    }
+    waiting.splice(0, batch.length);
+    return batch;
+  }
+
+  async #commit(batch: KvWrite[]): Promise<void> {
+    try {
+      const op = this.kv.atomic();
+      // "Absent" needs no read: a null versionstamp checks it inside the commit.
+      const read = batch.filter((w) => w.checked && w.expected !== null);
+      const current = read.length ? await this.kv.getMany(read.map((w) => w.key)) : [];
+      const stale = new Set(read.filter((w, i) => !sameValue(current[i].value, w.expected)));
+      read.forEach((w, i) => stale.has(w) || op.check(current[i]));
+      const going = batch.filter((w) => !stale.has(w));
+      for (const w of going) {
+        if (w.checked && w.expected === null) op.check({ key: w.key, versionstamp: null });
+        setAll(op, w);
+      }
+      if (going.length && !(await op.commit()).ok) throw new Error("a check failed");
+      for (const w of batch) w.done(!stale.has(w));
+    } catch {
+      // A check that another writer made fail, or a limit: each write on its own, in order.
+      for (const w of batch) await this.#commitOne(w);
+    }
+  }
+
+  async #commitOne(w: KvWrite): Promise<void> {
+    try {
+      w.done(
+        await retrying(async () => {
+          const op = this.kv.atomic();
+          if (w.checked) {
+            const current = await this.kv.get(w.key);
+            if (!sameValue(current.value, w.expected)) return false;
+            op.check(current);
+          }
+          setAll(op, w);
+          return (await op.commit()).ok;
+        }),
+      );
+    } catch (e) {
+      w.fail(e);
+    }
+  }
+}
+
+/** SQLite through bun:sqlite, in WAL mode so several Bun processes can share one file. */
+export class SqliteStore implements Store {
+  // deno-lint-ignore no-explicit-any
+  private constructor(private db: any, private sweeper: ReturnType<typeof setInterval>) {}
+
+  static async open(path: string): Promise<SqliteStore> {
+    const specifier = "bun:sqlite"; // a variable, so Deno never tries to resolve it
+    const { Database } = await import(specifier);
+    const db = new Database(path, { create: true });
+    // busy_timeout before WAL: two processes opening the file at once would otherwise see SQLITE_BUSY.
+    db.exec("PRAGMA busy_timeout = 5000;");
+    db.exec("PRAGMA journal_mode = WAL;");
+    db.exec("PRAGMA synchronous = NORMAL;");
+    db.exec("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT NOT NULL, exp INTEGER)");
+    const sweep = () => db.query("DELETE FROM kv WHERE exp IS NOT NULL AND exp < ?").run(Date.now());
+    sweep();
+    const sweeper = setInterval(sweep, 600_000);
+    (sweeper as { unref?: () => void }).unref?.();
+    return new SqliteStore(db, sweeper);
+  }
+
+  private read(k: string): unknown {
+    const row = this.db.query("SELECT v, exp FROM kv WHERE k = ?").get(k) as { v: string; exp: number | null } | null;
+    if (!row || (row.exp !== null && row.exp < Date.now())) return null;
+    return JSON.parse(row.v);
+  }
+
+  private write(k: string, value: unknown, ttlMs: number): void {
+    this.db.query(
+      "INSERT INTO kv (k, v, exp) VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v, exp = excluded.exp",
+    )
+      .run(k, JSON.stringify(value), ttlMs ? Date.now() + ttlMs : null);
+  }
+
+  get<T>(key: StoreKey): Promise<T | null> {
+    return retrying(() => this.read(JSON.stringify(key)) as T | null);
+  }
+  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
+    return this.#writes.set(key, value, ttlMs);
+  }
+  setIf(
+    key: StoreKey,
+    expected: unknown,
+    value: unknown,
+    ttlMs: number,
+    also: [StoreKey, unknown][] = [],
+    soon = false,
+  ) {
+    return this.#writes.setIf(key, expected, value, ttlMs, also, soon);
+  }
+
+  #writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
+
+  async #commit(batch: KvWrite[]): Promise<void> {
+    try {
+      const applied = await retrying(() => this.#transaction(batch));
+      batch.forEach((w, i) => w.done(applied[i]));
+    } catch (e) {
+      for (const w of batch) w.fail(e);
+    }
+  }
+
+  /** One transaction for the whole batch: each write's check sees the writes before it. */
+  #transaction(batch: KvWrite[]): boolean[] {
+    try {
+      this.db.exec("BEGIN IMMEDIATE");
+      const applied = batch.map((w) => {
+        const k = JSON.stringify(w.key);
+        if (w.checked && !sameValue(this.read(k), w.expected)) return false;
+        this.write(k, w.value, w.ttlMs);
+        for (const [key, v] of w.also) this.write(JSON.stringify(key), v, w.ttlMs);
+        return true;
+      });
+      this.db.exec("COMMIT");
+      return applied;
+    } catch (e) {
+      try {
+        this.db.exec("ROLLBACK");
+      } catch { /* no transaction was open */ }
+      throw e;
+    }
+  }
+  delete(key: StoreKey): Promise<void> {
+    return retrying(() => void this.db.query("DELETE FROM kv WHERE k = ?").run(JSON.stringify(key)));
+  }
+  close(): void {
+    clearInterval(this.sweeper);
+    this.db.close();
+  }
 }
 
 /** First wait before serving again after Deno's accept loop died, and the most it backs off to. */
@@ -4888,7 +4913,7 @@ async function relaunchWithFetchLimit(bun: BunSpawn, proc: LauncherProcess) {
 }
 
 /** The runtime this file is running on, detected once. */
-export function currentRuntime(): Runtime {
+function currentRuntime(): Runtime {
   const g = globalThis as { Bun?: BunLike; process?: ProcessLike };
   return g.Bun && g.process ? bunRuntime(g.Bun, g.process) : denoRuntime();
 }

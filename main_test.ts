@@ -580,3 +580,17 @@ Deno.test("request log: lines added in one task are written once, in order, afte
   await nextTask();
   assert.deepEqual(writes, ["a\nb", "c"], "a flushed line is not written twice");
 });
+
+// ─── The file itself ─────────────────────────────────────────────────────────────────────────────
+
+Deno.test("main.ts: the table of contents names every section banner, in order; Deno and Bun only past the fence", async () => {
+  const source = await Deno.readTextFile(new URL("./main.ts", import.meta.url));
+  const banners = [...source.matchAll(/^\/\/ ─── (.*?) ─+$/gm)].map((m) => m[1]);
+  const header = source.slice(0, source.indexOf("*/"));
+  const toc = [...header.matchAll(/^ \* +\d+\. (.*)$/gm)].map((m) => m[1]);
+  assert.deepEqual(toc, banners);
+  const fence = source.indexOf("// ─── Runtime edges");
+  assert.ok(fence > 0);
+  const core = source.slice(0, fence).split("\n").filter((l) => !/^\s*(\*|\/\/|\/\*\*)/.test(l));
+  assert.deepEqual(core.filter((l) => /\b(Deno|Bun)\.[a-zA-Z]/.test(l)), []);
+});
