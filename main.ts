@@ -50,7 +50,13 @@ export interface AppConfig {
   workflowId?: string;
   /** False: Dify does not name new conversations (naming costs one extra LLM call per conversation). */
   autoGenerateName?: boolean;
+  /** What the client's `tools` mean for this app (`"tools"` in DIFY_APPS); absent: TOOLS. */
+  tools?: ToolMode;
 }
+
+/** `ignore`: tools are not offered to the app; `emulate`: offered in the `<tool_call>` format; `reject`: a 400. */
+export type ToolMode = "ignore" | "emulate" | "reject";
+const TOOL_MODES: readonly ToolMode[] = ["ignore", "emulate", "reject"];
 
 export interface Config {
   port: number;
@@ -91,6 +97,8 @@ export interface Config {
   autoGenerateName: boolean;
   /** `DELETE /v1/conversations/{user}` also deletes the user's conversation at Dify (else only with `?dify=true`). */
   forgetAtDify: boolean;
+  /** What the client's `tools` mean for apps that do not say (`TOOLS`). */
+  tools: ToolMode;
 }
 
 /** A configuration mistake: start-up prints its message as one line and exits. */
@@ -187,6 +195,12 @@ function parseApps(raw: string, difyUrl: string): Map<string, AppConfig> {
         }
         app.autoGenerateName = spec.auto_generate_name;
       }
+      if (spec.tools !== undefined) {
+        if (!TOOL_MODES.includes(spec.tools as ToolMode)) {
+          throw new ConfigError(`${where}.tools must be one of ${TOOL_MODES.join(", ")}`);
+        }
+        app.tools = spec.tools as ToolMode;
+      }
     } else throw new ConfigError(`${where} must be a key string or {"key", "type"?, "url"?}`);
     apps.set(model, app);
   }
@@ -237,6 +251,7 @@ export function loadConfig(env: Env): Config {
     defaultUser: env.DEFAULT_USER?.trim() || "dify-openai",
     autoGenerateName,
     forgetAtDify: flag(env, "FORGET_AT_DIFY"),
+    tools: choice(env, "TOOLS", TOOL_MODES, "ignore"),
   };
 }
 
@@ -269,6 +284,7 @@ export const ERRORS = {
   unsupported_parameter: [400, "invalid_request_error"],
   missing_input: [400, "invalid_request_error"],
   speech_disabled: [400, "invalid_request_error"],
+  tools_unsupported: [400, "invalid_request_error"],
   not_found: [404, "invalid_request_error"],
   model_not_found: [404, "invalid_request_error"],
   method_not_allowed: [405, "invalid_request_error"],
@@ -342,6 +358,32 @@ export interface Message {
   role: "system" | "user" | "assistant" | "tool";
   text: string;
   files: InputFile[];
+  /** An assistant message's tool calls (also in `text`, as the fingerprint sees them). */
+  calls?: ToolCall[];
+  /** A tool result: the call it answers (`tool_call_id`, `call_id`). */
+  callId?: string;
+}
+
+/** A function the client offers in `tools`, as the Dify app is told of it. */
+export interface ToolSpec {
+  name: string;
+  description?: string;
+  parameters?: unknown;
+}
+
+/** One call of a client's function: the assistant's in the history, or one the bridge found in an answer. */
+export interface ToolCall {
+  id: string;
+  name: string;
+  /** The arguments as a JSON text, as OpenAI sends them. */
+  arguments: string;
+}
+
+/** The request's tools: the functions, whether the answer must call one, and whether it may call several. */
+export interface ToolAsk {
+  tools: ToolSpec[];
+  choice: "none" | "auto" | "required" | { name: string };
+  parallel: boolean;
 }
 
 interface ChatRequest {
@@ -355,6 +397,8 @@ interface ChatRequest {
   /** Responses API: the response this one continues (`previous_response_id`). */
   previousResponseId?: string;
   inputs: Record<string, unknown>;
+  /** Functions the client offers, or a `tool_choice` that needs one; absent: neither. */
+  tools?: ToolAsk;
 }
 
 const ROLES: Record<string, Message["role"]> = {
@@ -534,6 +578,105 @@ function toolCallsText(calls: unknown): string {
   }).join("\n");
 }
 
+/**
+ * An assistant message as the fingerprint sees it: its text, then its calls. The bridge records its
+ * own answers the same way, so the client's echo of an answer that called tools continues the chat.
+ */
+export function answerText(content: string, calls: ToolCall[] = []): string {
+  return [content, toolCallsText(calls.map((c) => ({ function: c })))].filter(Boolean).join("\n");
+}
+
+/** The well-formed calls of a chat message's `tool_calls` (the text keeps them all). */
+function toolCallsOf(raw: unknown): ToolCall[] {
+  if (!Array.isArray(raw)) return [];
+  return raw.flatMap((c) => {
+    const fn = isObject(c) && isObject(c.function) ? c.function : undefined;
+    if (!fn || typeof fn.name !== "string") return [];
+    return [{ id: typeof c.id === "string" ? c.id : "", name: fn.name, arguments: valueText(fn.arguments ?? "") }];
+  });
+}
+
+/** The function tools of a `tools` array (chat: `{type, function: {…}}`; Responses: flat); other tool types are left out. */
+function toolSpecs(raw: unknown, flat: boolean): ToolSpec[] {
+  if (raw === undefined || raw === null) return [];
+  if (!Array.isArray(raw)) throw badRequest("`tools` must be an array", "tools");
+  return raw.flatMap((tool, i) => {
+    if (!isObject(tool)) throw badRequest("each tool must be an object", `tools[${i}]`);
+    // Hosted tools (web_search, namespace, custom, mcp…) are the client's or OpenAI's business, not the app's.
+    if (tool.type !== "function") return [];
+    const fn = flat ? tool : tool.function;
+    if (!isObject(fn) || typeof fn.name !== "string" || !fn.name.trim()) {
+      throw badRequest(
+        "a function tool needs a string `name`",
+        flat ? `tools[${i}].name` : `tools[${i}].function.name`,
+      );
+    }
+    const spec: ToolSpec = { name: fn.name };
+    if (typeof fn.description === "string" && fn.description) spec.description = fn.description;
+    if (fn.parameters !== undefined && fn.parameters !== null) spec.parameters = fn.parameters;
+    return [spec];
+  });
+}
+
+/** `tool_choice` (chat: `{type: "function", function: {name}}`; Responses: `{type: "function", name}`). */
+function toolChoice(raw: unknown, flat: boolean): ToolAsk["choice"] {
+  if (raw === undefined || raw === null) return "auto";
+  if (raw === "none" || raw === "auto" || raw === "required") return raw;
+  if (!isObject(raw)) throw badRequest('`tool_choice` must be "none", "auto", "required" or an object', "tool_choice");
+  if (raw.type === "auto" || raw.type === "none" || raw.type === "required") return raw.type;
+  if (raw.type === "function") {
+    const name = flat ? raw.name : isObject(raw.function) ? raw.function.name : undefined;
+    if (typeof name !== "string") throw badRequest("`tool_choice` names no function", "tool_choice");
+    return { name };
+  }
+  if (raw.type === "allowed_tools") {
+    const mode = raw.mode ?? (isObject(raw.allowed_tools) ? raw.allowed_tools.mode : undefined);
+    return mode === "required" ? "required" : "auto";
+  }
+  throw unsupported("tool_choice", `a Dify app cannot be made to use the tool type ${preview(raw.type)}`);
+}
+
+/** The request's tools, or undefined when it offers no function and needs none. */
+function toolAsk(body: Record<string, unknown>, flat: boolean): ToolAsk | undefined {
+  const tools = toolSpecs(body.tools, flat);
+  const choice = toolChoice(body.tool_choice, flat);
+  const parallel = body.parallel_tool_calls;
+  if (parallel !== undefined && parallel !== null && typeof parallel !== "boolean") {
+    throw badRequest("`parallel_tool_calls` must be a boolean", "parallel_tool_calls");
+  }
+  if (typeof choice === "object" && !tools.some((t) => t.name === choice.name)) {
+    throw badRequest(
+      `\`tool_choice\` names ${preview(choice.name)}, which is not among the function tools`,
+      "tool_choice",
+    );
+  }
+  if (!tools.length && (choice === "auto" || choice === "none")) return undefined;
+  return { tools, choice, parallel: parallel !== false };
+}
+
+/**
+ * The tools this app is asked to call (TOOLS=emulate and a choice other than none), or undefined.
+ * Where the app cannot give what the client needs, a 400: a forced call without emulation, any tools with reject.
+ */
+export function offeredTools(ask: ToolAsk | undefined, mode: ToolMode, model: string): ToolAsk | undefined {
+  if (!ask) return undefined;
+  if (mode === "reject" && ask.tools.length) {
+    const message = `model ${model} does not call tools (TOOLS=reject): send the request without \`tools\``;
+    throw apiError("tools_unsupported", message, { param: "tools" });
+  }
+  const forced = ask.choice === "required" || typeof ask.choice === "object";
+  if (mode !== "emulate") {
+    if (!forced) return undefined;
+    throw apiError(
+      "tools_unsupported",
+      `model ${model} answers in text and does not call tools (TOOLS=${mode}): leave out \`tool_choice\` or send "auto"`,
+      { param: "tool_choice" },
+    );
+  }
+  if (!ask.tools.length && forced) throw badRequest("`tool_choice` needs function `tools`", "tool_choice");
+  return ask.choice === "none" || !ask.tools.length ? undefined : ask;
+}
+
 function optionalString(body: Record<string, unknown>, name: string): string | undefined {
   const v = body[name];
   if (v === undefined || v === null) return undefined;
@@ -635,8 +778,10 @@ export function parseChatRequest(
     if (!role) throw badRequest(`unknown role ${preview(m.role)}`, `${param}.role`);
     const { text, files } = parseContent(m.content, `${param}.content`, limits.maxParts);
     if (role === "assistant" && m.tool_calls !== undefined) {
-      return { role, text: [text, toolCallsText(m.tool_calls)].filter(Boolean).join("\n"), files };
+      const calls = toolCallsOf(m.tool_calls);
+      return { role, text: [text, toolCallsText(m.tool_calls)].filter(Boolean).join("\n"), files, calls };
     }
+    if (role === "tool" && typeof m.tool_call_id === "string") return { role, text, files, callId: m.tool_call_id };
     return { role, text, files };
   });
   if (!messages.some((m) => m.role === "user")) throw badRequest("`messages` has no user message", "messages");
@@ -654,6 +799,7 @@ export function parseChatRequest(
     conversationId: optionalString(body, "conversation_id") || headers.get("x-dify-conversation-id") || undefined,
     sessionId: sessionIdOf(body, headers),
     inputs: (inputs as Record<string, unknown> | undefined) ?? {},
+    tools: toolAsk(body, false),
   };
 }
 
@@ -840,10 +986,6 @@ function refuseResponsesUnsupported(body: Record<string, unknown>): void {
   if (body.prompt !== undefined && body.prompt !== null) {
     throw unsupported("prompt", "OpenAI's stored prompt templates do not exist here; the Dify app holds the prompt");
   }
-  const choice = body.tool_choice;
-  if (choice === "required" || (isObject(choice) && choice.type !== "auto" && choice.type !== "none")) {
-    throw unsupported("tool_choice", "a Dify app answers in text and never calls the client's tools");
-  }
   const format = isObject(body.text) && isObject(body.text.format) ? body.text.format : undefined;
   if (format?.type === "json_schema" || format?.type === "json_object") {
     throw unsupported(
@@ -868,22 +1010,26 @@ function inputItem(item: unknown, param: string, maxParts: number): Message | nu
       if (role === "user" && !files.length && ENVIRONMENT_CONTEXT.test(text)) return null;
       return { role, text, files };
     }
-    // Tool calls and their results are kept as text, so replayed history says what the tools did.
+    // Tool calls join the answer they belong to (see `inputMessages`); their results are tool messages.
     case "function_call":
-      return { role: "assistant", text: toolCallsText([{ function: item }]), files: [] };
-    case "custom_tool_call":
-      return {
-        role: "assistant",
-        text: toolCallsText([{ function: { name: item.name, arguments: item.input } }]),
-        files: [],
+    case "custom_tool_call": {
+      const args = type === "function_call" ? item.arguments : item.input;
+      const call = {
+        id: valueText(item.call_id ?? ""),
+        name: valueText(item.name ?? "?"),
+        arguments: valueText(args ?? ""),
       };
+      return { role: "assistant", text: "", files: [], calls: [call] };
+    }
     case "function_call_output":
     case "custom_tool_call_output": {
       const output = item.output;
       const text = Array.isArray(output)
         ? parseContent(output, `${param}.output`, maxParts).text
         : valueText(output ?? "");
-      return { role: "tool", text, files: [] };
+      return typeof item.call_id === "string"
+        ? { role: "tool", text, files: [], callId: item.call_id }
+        : { role: "tool", text, files: [] };
     }
     case "item_reference":
       throw unsupported(`${param}.type`, "item references need OpenAI's item store; send the item itself");
@@ -896,7 +1042,8 @@ function inputItem(item: unknown, param: string, maxParts: number): Message | nu
 
 /**
  * The input items as chat messages. An assistant answer streamed as several `message` items (split
- * by reasoning) is one message again, exactly as the bridge recorded it, so history matching holds.
+ * by reasoning) and `function_call` items is one message again, its text then its calls, exactly as
+ * the bridge recorded it, so history matching holds.
  */
 function inputMessages(input: unknown[], maxParts: number): Message[] {
   const messages: Message[] = [];
@@ -904,15 +1051,16 @@ function inputMessages(input: unknown[], maxParts: number): Message[] {
   input.forEach((item, i) => {
     const m = inputItem(item, `input[${i}]`, maxParts);
     if (!m) return;
-    const isAnswer = m.role === "assistant" && isObject(item) && (item.type ?? "message") === "message";
-    if (isAnswer && answer) {
+    if (m.role === "assistant" && answer) {
       answer.text += m.text;
       answer.files.push(...m.files);
+      if (m.calls) (answer.calls ??= []).push(...m.calls);
       return;
     }
-    answer = isAnswer ? { ...m, files: [...m.files] } : undefined;
+    answer = m.role === "assistant" ? { ...m, files: [...m.files] } : undefined;
     messages.push(answer ?? m);
   });
+  for (const m of messages) if (m.calls) m.text = answerText(m.text, m.calls);
   return messages;
 }
 
@@ -955,6 +1103,7 @@ export function parseResponsesRequest(
     conversationId: optionalString(body, "conversation_id") || headers.get("x-dify-conversation-id") || undefined,
     sessionId: sessionIdOf(body, headers),
     inputs: (body.inputs as Record<string, unknown> | undefined) ?? {},
+    tools: toolAsk(body, true),
     previousResponseId,
     store,
     echo: {
@@ -1082,7 +1231,17 @@ export interface Turn {
   sender?: string;
 }
 
-export function buildTurn(messages: Message[], envelope: Config["envelope"]): Turn {
+/** A tool result as the `<tool_call>` format's models expect it back. */
+export function toolResponse(name: string | undefined, content: string): string {
+  return `<tool_response>${JSON.stringify(name === undefined ? { content } : { name, content })}</tool_response>`;
+}
+
+/** `tools`: the app is asked for calls (TOOLS=emulate), so tool results go back as `<tool_response>` blocks. */
+export function buildTurn(messages: Message[], envelope: Config["envelope"], tools = false): Turn {
+  // The function each call id named, for its result (unnamed when the call is not in this request: previous_response_id).
+  const called = new Map(messages.flatMap((m) => m.calls?.map((c) => [c.id, c.name] as const) ?? []));
+  const result = (m: Message, text: string) =>
+    tools ? toolResponse(called.get(m.callId ?? ""), text) : `[tool result] ${text}`;
   let lastAssistant = -1;
   for (let i = messages.length - 1; i >= 0; i--) {
     if (messages[i].role === "assistant") {
@@ -1108,8 +1267,8 @@ export function buildTurn(messages: Message[], envelope: Config["envelope"]): Tu
     if (i === lastAssistant) return void history.push(cleaned);
     if (!internal) current.push(cleaned);
     files.push(...m.files);
-    if (envelope === "keep") query.push(m.role === "tool" ? `[tool result] ${m.text}` : m.text);
-    else if (!internal && env.text) query.push(m.role === "tool" ? `[tool result] ${env.text}` : env.text);
+    if (envelope === "keep") query.push(m.role === "tool" ? result(m, m.text) : m.text);
+    else if (!internal && env.text) query.push(m.role === "tool" ? result(m, env.text) : env.text);
   });
   if (lastAssistant === messages.length - 1) {
     throw badRequest("the last message must come from the user: there is no new turn to answer", "messages");
@@ -1152,14 +1311,62 @@ export function transcript(history: Message[]): string {
   return history.map((m) => `${label[m.role]}: ${stripThink(m.text).trim()}`).join("\n\n");
 }
 
-/** The `query` for Dify: the new text, preceded on a fresh conversation by system prompt and history. */
-export function difyQuery(turn: Turn, fresh: boolean, systemMode: Config["systemPrompt"]): string {
-  if (!fresh) return turn.query;
+/**
+ * What a Dify app's LLM is told of the client's tools: the format Hermes, Qwen and many open models
+ * were trained on. `{tools}` becomes one JSON object per line.
+ */
+export const TOOL_BLOCK = `# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>
+Function results come back within <tool_response></tool_response> XML tags.`;
+
+/** The tool block for these functions. */
+function toolBlock(tools: ToolSpec[]): string {
+  const lines = tools.map((t) => JSON.stringify({ type: "function", function: t }));
+  return TOOL_BLOCK.replace("{tools}", () => lines.join("\n"));
+}
+
+/** A stable id of a tool set: the conversation records it, and the block is sent again only when it changes. */
+function toolSetHash(tools: ToolSpec[]): string {
+  return createHash("sha256").update(JSON.stringify(tools)).digest("base64").slice(0, 22);
+}
+
+/** The line a turn ends with when the client needs a call now (`tool_choice` required, or a function). */
+function toolDemand(choice: ToolAsk["choice"]): string {
+  if (choice === "required") return "Answer with a <tool_call> now.";
+  return typeof choice === "object" ? `Answer with a <tool_call> of ${choice.name} now.` : "";
+}
+
+/** The client's tools on one turn (TOOLS=emulate), and the tool set its Dify conversation had last. */
+interface ToolTurn {
+  ask: ToolAsk;
+  hash: string;
+  known?: string;
+}
+
+/**
+ * The `query` for Dify: the new text, preceded on a fresh conversation by system prompt and history.
+ * With tools, the tool block comes first when the conversation has not had this tool set (never on
+ * every turn: OpenClaw's dozen tools are about 10 KB), and a forced `tool_choice` ends the turn.
+ */
+export function difyQuery(turn: Turn, fresh: boolean, systemMode: Config["systemPrompt"], tools?: ToolTurn): string {
   const parts: string[] = [];
-  if (systemMode === "prepend" && turn.system.trim()) parts.push(turn.system.trim());
-  if (turn.history.length) {
+  if (fresh && systemMode === "prepend" && turn.system.trim()) parts.push(turn.system.trim());
+  if (tools && (fresh || tools.known !== tools.hash)) parts.push(toolBlock(tools.ask.tools));
+  if (fresh && turn.history.length) {
     parts.push(`Conversation so far:\n\n${transcript(turn.history)}`, `Current message:\n\n${turn.query}`);
   } else parts.push(turn.query);
+  if (tools && toolDemand(tools.ask.choice)) parts.push(toolDemand(tools.ask.choice));
   return parts.join("\n\n");
 }
 
@@ -1210,6 +1417,8 @@ export function fingerprint(system: string, messages: { role: string; text: stri
 
 /** How many characters at the end of `text` could be the start of `tag`. */
 function partialTagAt(text: string, tag: string): number {
+  // Most texts end far from any "<": no slicing then (this runs once per streamed delta).
+  if (text.indexOf("<", text.length - tag.length + 1) < 0) return 0;
   for (let n = Math.min(tag.length - 1, text.length); n > 0; n--) {
     if (tag.startsWith(text.slice(-n))) return n;
   }
@@ -1231,6 +1440,8 @@ export class AnswerPrint {
   /** A whitespace run waits: it becomes one space only if text follows (trimmed at the end). */
   #space = false;
   #started = false;
+  /** Normalised text not hashed yet: one hash update per answer (or per 64 Ki characters), not one per delta. */
+  #pending = "";
 
   constructor(system: string, messages: { role: string; text: string }[], role = "assistant") {
     const parts = [fingerprintText(system)];
@@ -1269,6 +1480,8 @@ export class AnswerPrint {
   digest(): string {
     this.#plain(this.#held);
     this.#held = "";
+    if (this.#pending) this.#hash.update(this.#pending);
+    this.#pending = "";
     return this.#hash.digest("base64").slice(0, 32);
   }
 
@@ -1287,7 +1500,11 @@ export class AnswerPrint {
     if (!spaced) return;
     const trailing = spaced.endsWith(" ");
     if (trailing) spaced = spaced.slice(0, -1);
-    this.#hash.update(this.#space ? " " + spaced : spaced);
+    this.#pending += this.#space ? " " + spaced : spaced;
+    if (this.#pending.length > 65_536) {
+      this.#hash.update(this.#pending);
+      this.#pending = "";
+    }
     this.#space = trailing;
     this.#started = true;
   }
@@ -1344,6 +1561,8 @@ export const storeKeys = {
   user: (client: string, app: string, user: string): StoreKey => ["user", client, app, user],
   owner: (client: string, app: string, conversation: string): StoreKey => ["own", client, app, conversation],
   response: (client: string, app: string, id: string): StoreKey => ["resp", client, app, id],
+  /** The tool set (`toolSetHash`) a conversation's app was last told of. */
+  tools: (client: string, app: string, conversation: string): StoreKey => ["tools", client, app, conversation],
 };
 
 function sameValue(a: unknown, b: unknown): boolean {
@@ -1514,12 +1733,31 @@ function claimMs(config: Config): number {
   return (config.answerTimeoutMs || config.upstreamTimeoutMs + config.upstreamIdleMs) + config.shutdownGraceMs;
 }
 
+/**
+ * A complete response as kept for `GET /v1/responses/{id}`: only what differs between responses. Its JSON
+ * is mostly the same settings and fields every time, and a store value costs by its bytes.
+ */
+export interface KeptResponse {
+  /** `created_at` and `completed_at`. */
+  a: number;
+  z: number;
+  /** `model`. */
+  m: string;
+  /** The echoed request settings that differ from the defaults, as JSON; absent: all defaults. */
+  e?: string;
+  /** The output items as JSON, comma-separated. */
+  o: string;
+  n?: Usage;
+}
+
 /** A response the bridge answered: its conversation and Dify user (`previous_response_id`), and the object (GET). */
 interface StoredResponse {
   c?: string;
   u: string;
-  /** The `response` object as JSON text (a string costs the store less than an object), unless it was too large. */
+  /** The whole `response` object as JSON text (as stored before `k`). */
   o?: string;
+  /** The response, unless it was too large to keep. */
+  k?: KeptResponse;
 }
 
 /** The largest `response` object kept for `GET /v1/responses/{id}`: a Deno KV value holds at most 64 KiB. */
@@ -1531,13 +1769,13 @@ function responseNotFound(id: string, param: string | null = null): ApiError {
 
 const textEncoder = new TextEncoder();
 
-/** What is stored for a response: always its conversation, the object too when it fits in one store value. */
-function storedResponse(conversation: string | undefined, user: string, object: unknown): StoredResponse {
+/** What is stored for a response: always its conversation, the response too when it fits in one store value. */
+function storedResponse(conversation: string | undefined, user: string, kept: KeptResponse): StoredResponse {
   const stored: StoredResponse = { u: user };
   if (conversation) stored.c = conversation;
-  const json = JSON.stringify(object);
-  const bytes = json.length * 3 <= RESPONSE_OBJECT_BYTES ? json.length : textEncoder.encode(json).length;
-  if (bytes <= RESPONSE_OBJECT_BYTES) stored.o = json;
+  const chars = kept.o.length + (kept.e?.length ?? 0);
+  const bytes = chars * 3 <= RESPONSE_OBJECT_BYTES ? chars : textEncoder.encode(kept.o + (kept.e ?? "")).length;
+  if (bytes <= RESPONSE_OBJECT_BYTES) stored.k = kept;
   return stored;
 }
 
@@ -1620,11 +1858,18 @@ interface Answered {
   conversationId?: string;
   /** The answer's text, when it was kept (aggregated answers); streamed ones bring their `AnswerPrint`. */
   content: string;
+  /** The tool calls the answer made: the client's echo of the answer carries them. */
+  calls?: ToolCall[];
+}
+
+function setEach(store: ConversationStore, entries: [StoreKey, unknown][]): void {
+  for (const [key, value] of entries) store.set(key, value);
 }
 
 /**
  * Stores where this chat now stands. Readable in this process at once (a client may send its next
- * turn the instant [DONE] arrives); the durable write follows in the background.
+ * turn the instant [DONE] arrives); the durable write follows in the background. `also`: entries
+ * stored with the turn's record, in its write (a Responses answer: the response).
  */
 export function recordTurn(
   { config, store }: ConversationContext,
@@ -1635,22 +1880,27 @@ export function recordTurn(
   res: Resolution,
   t: Answered,
   print?: AnswerPrint,
+  also: [StoreKey, unknown][] = [],
 ): void {
   const conversation = t.conversationId;
-  if (!conversation || r.type === "workflow" || r.type === "completion") return;
+  if (!conversation || r.type === "workflow" || r.type === "completion") return setEach(store, also);
   const scope = r.app.model;
   const binding: Binding = { c: conversation, u: res.user };
   if (req.sessionId) store.set(storeKeys.session(client, scope, req.sessionId), binding);
   if (config.conversationMode === "user" && !req.sessionId && !req.conversationId) {
     store.set(storeKeys.user(client, scope, res.user), binding);
   }
-  // Whose conversation this is, for an explicit id later (history mode's head says it already).
+  // Whose conversation this is, for an explicit id later (history mode's head says it already). Without
+  // client keys anyone may name any conversation: the record would only spare a client sending its `user`
+  // again, for a store write on every turn.
   if (config.conversationMode !== "history") {
-    return void store.set(storeKeys.owner(client, scope, conversation), binding);
+    if (config.proxyKeys.length) store.set(storeKeys.owner(client, scope, conversation), binding);
+    return setEach(store, also);
   }
+  if (print && t.calls?.length) print.push("\n" + answerText("", t.calls));
   const fp = print ? print.digest() : fingerprint(turn.system, [...turn.history, ...turn.current, {
     role: "assistant",
-    text: t.content,
+    text: answerText(t.content, t.calls),
   }]);
   const headKey = storeKeys.head(client, scope, conversation);
   const fpKey = storeKeys.fingerprint(client, scope, fp);
@@ -1658,16 +1908,19 @@ export function recordTurn(
   const expected = res.conversationId === conversation ? res.head : null;
   const checked = res.via === "history" || res.via === "new";
   const ttl = config.conversationTtlMs;
-  // The raw store `s`: this wrapper's `set` would queue behind this very write. Only the head is
-  // ordered: many chats can share a fingerprint (the same first exchange), and queueing all of
-  // their writes behind one another falls behind under load; the newest binding wins either way.
+  // The raw store `s`: this wrapper's `set` would queue behind this very write. Only the head (and
+  // `also`) is ordered: many chats can share a fingerprint (the same first exchange), and queueing all
+  // of their writes behind one another falls behind under load; the newest binding wins either way.
+  // `also` rides in the head's commit: a commit, not the bytes in it, is most of a store write's cost.
+  const setAlso = (s: Store) => Promise.all(also.map(([key, value]) => s.set(key, value, ttl)));
   store.write(
     async (s) => {
-      if (checked) await store.advance(headKey, expected, head, [[fpKey, binding]]);
-      else await Promise.all([s.set(headKey, head, ttl), s.set(fpKey, binding, ttl)]);
+      if (!checked) await Promise.all([s.set(headKey, head, ttl), s.set(fpKey, binding, ttl), setAlso(s)]);
+      // Another turn moved the head first: this answer's entries are still this answer's.
+      else if (!await store.advance(headKey, expected, head, [[fpKey, binding], ...also])) await setAlso(s);
     },
-    [[headKey, head], [fpKey, binding]],
-    [headKey],
+    [[headKey, head], [fpKey, binding], ...also],
+    [headKey, ...also.map(([key]) => key)],
   );
 }
 
@@ -2181,6 +2434,8 @@ export interface Sink {
   content(text: string): void;
   reasoning(text: string): void;
   ping(): void;
+  /** A complete call of one of the client's functions (TOOLS=emulate). */
+  toolCall?(call: ToolCall): void;
 }
 
 /** A form a paused workflow waits on: where it is and what it asks. */
@@ -2225,6 +2480,10 @@ export interface Translation {
   forms?: HumanForm[];
   /** The workflow paused for human input: the answer ended there, cleanly (the request log says so). */
   paused?: { nodes: string[]; run?: string };
+  /** The client's functions were offered: the answer's text is scanned for `<tool_call>` blocks. */
+  scan?: ToolCallScan;
+  /** The calls found, in order. */
+  calls?: ToolCall[];
 }
 
 export function newTranslation(type: AppType, stream: boolean, keep = !stream): Translation {
@@ -2255,10 +2514,156 @@ function utf8Length(text: string): number {
   return n;
 }
 
-function addContent(t: Translation, text: string): void {
+/** `bytes`: what the text adds to the answer's size (text the tool scan held was counted as it came). */
+function addContent(t: Translation, text: string, bytes = utf8Length(text)): void {
   t.content = t.keep ? t.content + text : (t.content + text).slice(-TEXT_TAIL);
-  t.bytes += utf8Length(text);
+  t.bytes += bytes;
   t.tap?.(text);
+}
+
+const CALL_OPEN = "<tool_call>";
+const CALL_CLOSE = "</tool_call>";
+
+/** What the scan releases: text for the client, or a call. */
+export type ScanPiece = string | ToolCall;
+
+/** A call's JSON as a call of one of `names`, or why it is not one (for the log: no content in it). */
+function parsedToolCall(body: string, names: ReadonlySet<string>): ToolCall | string {
+  let v: unknown;
+  try {
+    v = JSON.parse(body);
+  } catch {
+    return "invalid JSON in <tool_call>";
+  }
+  if (!isObject(v) || typeof v.name !== "string") return "a <tool_call> without a name";
+  if (!names.has(v.name)) return "a <tool_call> of a function the client did not offer";
+  let args = v.arguments ?? v.parameters ?? {};
+  if (typeof args === "string") {
+    try {
+      args = JSON.parse(args);
+    } catch {
+      return "<tool_call> arguments that are not JSON";
+    }
+  }
+  if (!isObject(args)) return "<tool_call> arguments that are not a JSON object";
+  const id = `call_${crypto.randomUUID().replaceAll("-", "").slice(0, 24)}`;
+  return { id, name: v.name, arguments: JSON.stringify(args) };
+}
+
+/**
+ * `between`: at the start or after a call — whitespace waits, since a call may follow (then it is
+ * dropped). `text`: content flows, except an end that could still become `<tool_call>`. `call`: inside
+ * a call, held until `</tool_call>`.
+ */
+type ScanState = "between" | "text" | "call";
+
+/**
+ * Finds the `<tool_call>{"name", "arguments"}</tool_call>` blocks in an answer as it streams. Text
+ * before a call is content; text that turns out not to be a call (half a tag, invalid JSON, a function
+ * the client did not offer) is released unchanged, and `notes` says why for the log.
+ */
+export class ToolCallScan {
+  #state: ScanState = "between";
+  #held = "";
+  /** The held text's last characters: where a close tag split across chunks begins. */
+  #tail = "";
+  #calls = 0;
+  /** Some text was pushed (a workflow's final outputs must not repeat it). */
+  pushed = false;
+  readonly notes: string[] = [];
+
+  constructor(private names: ReadonlySet<string>, private parallel: boolean) {}
+
+  push(text: string): ScanPiece[] {
+    if (text) this.pushed = true;
+    const out: ScanPiece[] = [];
+    // A long call arrives in many small chunks: look for its end in the new text only (and the
+    // held tail), so a call's bytes are scanned once, not once per chunk.
+    if (this.#state === "call" && !(this.#tail + text).includes(CALL_CLOSE)) {
+      this.#tail = (this.#tail + text).slice(1 - CALL_CLOSE.length);
+      this.#held += text;
+      return out;
+    }
+    let rest = this.#held + text;
+    this.#held = "";
+    while (rest) {
+      if (this.#state === "call") {
+        const close = rest.indexOf(CALL_CLOSE);
+        if (close < 0) return this.#hold(rest, out);
+        this.#call(rest.slice(0, close), true, out);
+        rest = rest.slice(close + CALL_CLOSE.length);
+        this.#state = "between";
+      } else if (this.#state === "between") {
+        const body = rest.trimStart();
+        if (body.startsWith(CALL_OPEN)) {
+          rest = body.slice(CALL_OPEN.length);
+          this.#state = "call";
+        } else if (CALL_OPEN.startsWith(body)) return this.#hold(rest, out);
+        else this.#state = "text";
+      } else {
+        const open = rest.indexOf(CALL_OPEN);
+        if (open < 0) {
+          const partial = partialTagAt(rest, CALL_OPEN);
+          if (rest.length > partial) out.push(rest.slice(0, rest.length - partial));
+          return this.#hold(rest.slice(rest.length - partial), out);
+        }
+        if (open) out.push(rest.slice(0, open));
+        rest = rest.slice(open + CALL_OPEN.length);
+        this.#state = "call";
+      }
+    }
+    return out;
+  }
+
+  /** The answer is over: what is still held is released, a call that was never closed still counted if whole. */
+  end(): ScanPiece[] {
+    const held = this.#held;
+    this.#held = "";
+    this.#tail = "";
+    const out: ScanPiece[] = [];
+    if (this.#state === "call") this.#call(held, false, out);
+    // Whitespace after the last call is not an answer; before anything else it is part of one.
+    else if (held && (held.trim() || !this.#calls)) out.push(held);
+    this.#state = "text";
+    return out;
+  }
+
+  /** The answer so far was replaced (Dify's moderation): what is held goes with it. */
+  drop(): void {
+    this.#held = "";
+    this.#state = "text";
+  }
+
+  #hold(text: string, out: ScanPiece[]): ScanPiece[] {
+    this.#held = text;
+    this.#tail = text.slice(1 - CALL_CLOSE.length);
+    return out;
+  }
+
+  #call(body: string, closed: boolean, out: ScanPiece[]): void {
+    const call = parsedToolCall(body.trim(), this.names);
+    if (typeof call === "string") {
+      this.notes.push(closed ? call : `an unclosed <tool_call> (${call})`);
+      out.push(CALL_OPEN + body + (closed ? CALL_CLOSE : ""));
+    } else if (this.#calls && !this.parallel) this.notes.push("a second call left out (parallel_tool_calls: false)");
+    else {
+      this.#calls++;
+      out.push(call);
+    }
+  }
+}
+
+/** What the tool scan released: content, and calls for the client. */
+function emitScanned(t: Translation, sink: Sink, pieces: ScanPiece[]): void {
+  for (const piece of pieces) {
+    if (typeof piece === "string") {
+      addContent(t, piece, 0);
+      sink.content(piece);
+    } else {
+      (t.calls ??= []).push(piece);
+      sink.toolCall?.(piece);
+    }
+  }
 }
 
 export interface TranslateOptions {
@@ -2280,6 +2685,11 @@ function closeThink(t: Translation, sink: Sink): void {
 function emitContent(t: Translation, sink: Sink, text: string): void {
   if (!text) return;
   closeThink(t, sink);
+  if (t.scan) {
+    // Counted as it comes: a call that never closes is held, and must still meet MAX_ANSWER_BYTES.
+    t.bytes += utf8Length(text);
+    return emitScanned(t, sink, t.scan.push(text));
+  }
   addContent(t, text);
   sink.content(text);
 }
@@ -2394,10 +2804,12 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
     case "message_replace": {
       const answer = typeof ev.answer === "string" ? ev.answer : "";
       if (!t.stream) {
-        // The replacement is the whole answer, including any <think> block it replaced.
+        // The replacement is the whole answer, including any <think> block or tool call it replaced.
         t.content = answer;
         t.bytes += utf8Length(answer);
         t.thinkOpen = false;
+        t.scan?.drop();
+        t.calls = undefined;
         return;
       }
       // Deltas already sent cannot be taken back: the replacement follows, clearly set apart.
@@ -2436,7 +2848,7 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
         return;
       }
       if (t.type === "workflow") {
-        if (!t.content) emitContent(t, sink, workflowAnswer(d.outputs, o.app.output));
+        if (!t.content && !t.scan?.pushed) emitContent(t, sink, workflowAnswer(d.outputs, o.app.output));
         t.ended = true;
       } else if (t.type === "chatflow") t.ended = true;
       return;
@@ -2497,6 +2909,7 @@ export function applyDifyEvent(t: Translation, ev: Record<string, unknown>, sink
 /** Closes an open `<think>` block and settles the final usage. */
 export function finishTranslation(t: Translation, sink: Sink): void {
   closeThink(t, sink);
+  if (t.scan) emitScanned(t, sink, t.scan.end());
   if (!t.usage && t.workflowTokens !== undefined) {
     t.usage = { prompt_tokens: 0, completion_tokens: t.workflowTokens, total_tokens: t.workflowTokens };
   }
@@ -2534,6 +2947,16 @@ export class LineSplitter {
     const n = chunk.length;
     if (this.#skipLf && n && chunk[0] === LF) start = 1;
     this.#skipLf = false;
+    // Dify ends its lines with LF alone: then the runtime's own search finds them, not a loop per byte.
+    if (chunk.indexOf(CR, start) < 0) {
+      for (let i = chunk.indexOf(LF, start); i >= 0; i = chunk.indexOf(LF, start)) {
+        if (this.#carry) this.#emitCarry(chunk.subarray(start, i));
+        else this.onLine(chunk, start, i);
+        start = i + 1;
+      }
+      if (start < n) this.#keep(chunk.subarray(start));
+      return;
+    }
     for (let i = start; i < n; i++) {
       const b = chunk[i];
       if (b !== LF && b !== CR) continue;
@@ -2689,6 +3112,7 @@ export class DifyEvents {
   #lines: LineSplitter;
   #sawEvent = false;
   #over = false;
+  #reading?: Promise<boolean>;
   /** Why the answer ended early, once `next` has returned false (undefined: it completed). */
   outcome?: ApiError;
 
@@ -2712,8 +3136,15 @@ export class DifyEvents {
     }, maxLine);
   }
 
-  /** Reads and translates one chunk; false once the answer is over, complete or not (see `outcome`). */
-  async next(): Promise<boolean> {
+  /**
+   * Reads and translates one chunk; false once the answer is over, complete or not (see `outcome`).
+   * A call while a read is in flight shares it: the hold, the writing loop and a client gone take turns.
+   */
+  next(): Promise<boolean> {
+    return this.#reading ??= this.#next();
+  }
+
+  async #next(): Promise<boolean> {
     if (this.#over) return false;
     const { t, ex } = this;
     try {
@@ -2736,6 +3167,8 @@ export class DifyEvents {
         apiError("upstream_broken", `the connection to Dify broke mid-answer: ${(e as Error)?.message ?? e}`);
       this.#over = true;
       return false;
+    } finally {
+      this.#reading = undefined;
     }
   }
 
@@ -2783,6 +3216,8 @@ interface AnswerFormat {
   open(): string;
   content(text: string): string;
   reasoning(text: string): string;
+  /** The frames of one whole call of a client's function (chat: a `tool_calls` delta; Responses: a `function_call` item). */
+  toolCall(call: ToolCall): string;
   /** Frames that end a complete answer (chat: the finish chunk, usage when asked, `[DONE]`). */
   close(t: Translation): string;
   /** The frames for an error once the stream is committed; before that, errors are HTTP statuses. */
@@ -2802,10 +3237,21 @@ export function errorFrame(e: ApiError): string {
   return `data: ${errorJson(e)}\n\n`;
 }
 
+/** A chat `tool_calls` entry; streamed, each is one whole delta with its `index` (the SDKs join deltas by it). */
+function chatToolCall(call: ToolCall) {
+  return { id: call.id, type: "function", function: { name: call.name, arguments: call.arguments } };
+}
+
+/** An answer that called tools ends with `tool_calls`: that is how clients know to run them. */
+function finishReason(t: Translation): "tool_calls" | "stop" {
+  return t.calls?.length ? "tool_calls" : "stop";
+}
+
 /** Chat completions: pre-built chunk text, so each delta costs one JSON.stringify and a concat. */
 export class ChatFormat implements AnswerFormat {
   private head: string;
   private envelope: string;
+  private calls = 0;
 
   constructor(
     private id: string,
@@ -2827,8 +3273,11 @@ export class ChatFormat implements AnswerFormat {
   reasoning(text: string): string {
     return this.head + `"reasoning_content":` + JSON.stringify(text) + CHUNK_TAIL;
   }
+  toolCall(call: ToolCall): string {
+    return this.head + `"tool_calls":` + JSON.stringify([{ index: this.calls++, ...chatToolCall(call) }]) + CHUNK_TAIL;
+  }
   close(t: Translation): string {
-    const finish = this.head + `},"logprobs":null,"finish_reason":"stop"}]}\n\n`;
+    const finish = this.head + `},"logprobs":null,"finish_reason":"${finishReason(t)}"}]}\n\n`;
     if (!this.options.includeUsage) return finish + SSE_DONE;
     return finish + `data: ${this.envelope}"choices":[],"usage":${JSON.stringify(t.usage ?? NO_USAGE)}}\n\n` + SSE_DONE;
   }
@@ -2837,14 +3286,20 @@ export class ChatFormat implements AnswerFormat {
   }
   /** The aggregated `chat.completion` object. */
   object(t: Translation) {
-    const message: Record<string, unknown> = { role: "assistant", content: t.content };
+    const calls = t.calls ?? [];
+    // As OpenAI answers a call without words: content null.
+    const message: Record<string, unknown> = {
+      role: "assistant",
+      content: calls.length && !t.content ? null : t.content,
+    };
     if (this.options.reasoningContent && t.reasoning) message.reasoning_content = t.reasoning;
+    if (calls.length) message.tool_calls = calls.map(chatToolCall);
     return {
       id: this.id,
       object: "chat.completion",
       created: this.created,
       model: this.model,
-      choices: [{ index: 0, message, logprobs: null, finish_reason: "stop" }],
+      choices: [{ index: 0, message, logprobs: null, finish_reason: finishReason(t) }],
       usage: t.usage ?? NO_USAGE,
     };
   }
@@ -2852,12 +3307,16 @@ export class ChatFormat implements AnswerFormat {
 
 /** One output item of a Responses answer as it streams: the answer's text, or agent reasoning. */
 interface OutputItem {
-  kind: "message" | "reasoning";
+  kind: "message" | "reasoning" | "function_call";
   id: string;
   index: number;
   text: string;
+  /** A `function_call` item's call. */
+  call?: ToolCall;
   /** `"item_id":…,"output_index":…,` — the start of every event about this item. */
   at: string;
+  /** The complete item's JSON, once its `output_item.done` is written: `response.completed` repeats it. */
+  done?: string;
 }
 
 /** Server-side failures a retry cannot fix: the same answer would be as large, or as slow, again. */
@@ -2890,6 +3349,34 @@ function summaryText(text: string) {
   return { type: "summary_text", text };
 }
 
+/** A `function_call` output item; its arguments are empty until it is done, as OpenAI streams it. */
+function functionCallItem(id: string, call: ToolCall, status: "in_progress" | "completed" | "incomplete") {
+  const args = status === "in_progress" ? "" : call.arguments;
+  return { id, type: "function_call", status, arguments: args, call_id: call.id, name: call.name };
+}
+
+let defaultSettings: ResponseEcho | undefined;
+
+/** The settings a response echoes when the request leaves them all out: the parser's own defaults. */
+function defaultEcho(): ResponseEcho {
+  return defaultSettings ??= parseResponsesRequest({ model: "m", input: "x" }, new Headers(), {
+    maxMessages: 1,
+    maxParts: 1,
+  }).echo;
+}
+
+/** The echoed settings that differ from the defaults, as JSON (undefined: none). */
+function echoChanges(echo: ResponseEcho): string | undefined {
+  const defaults = defaultEcho() as unknown as Record<string, unknown>;
+  let changed: Record<string, unknown> | undefined;
+  for (const [key, value] of Object.entries(echo)) {
+    const d = defaults[key];
+    if (value === d || (typeof value === "object" && JSON.stringify(value) === JSON.stringify(d))) continue;
+    (changed ??= {})[key] = value;
+  }
+  return changed && JSON.stringify(changed);
+}
+
 /**
  * The Responses API (`POST /v1/responses`): `event:` + `data:` frames in the documented order, each
  * with the next `sequence_number`. Agent reasoning is a `reasoning` item (a summary, which Codex
@@ -2900,8 +3387,12 @@ export class ResponsesFormat implements AnswerFormat {
   private sequence = 0;
   private items: OutputItem[] = [];
   private current?: OutputItem;
-  /** The response as last written (`close`, `error`, `object`): what `GET /v1/responses/{id}` returns. */
+  /** The response object as `error` or `object` built it. */
   final?: ReturnType<ResponsesFormat["response"]>;
+  /** The output items of the complete response as `response.completed` carried them (JSON, comma-separated). */
+  private outputJson?: string;
+  /** `completed_at`, once the response is complete. */
+  private completedAt?: number;
 
   constructor(
     private id: string,
@@ -2923,13 +3414,33 @@ export class ResponsesFormat implements AnswerFormat {
   reasoning(text: string): string {
     return this.delta("reasoning", "response.reasoning_summary_text.delta", `"summary_index":0`, text) + "}\n\n";
   }
-  close(t: Translation): string {
-    // An empty answer is still a message, as in the aggregated object.
+  /** A `function_call` item, whole: added, its arguments (one delta), done. */
+  toolCall(call: ToolCall): string {
     let frames = this.end();
-    if (!this.items.some((i) => i.kind === "message")) frames += this.start("message") + this.end();
-    this.final = this.response("completed", this.items.map((i) => this.item(i, "completed")), t.usage);
-    frames += this.frame("response.completed", `"response":${JSON.stringify(this.final)}`);
-    return frames;
+    const index = this.items.length;
+    const id = `fc_${this.id.slice(this.id.indexOf("_") + 1)}_${index}`;
+    const at = `"item_id":"${id}","output_index":${index},`;
+    const item: OutputItem = { kind: "function_call", id, index, text: "", at, call };
+    this.items.push(item);
+    const args = JSON.stringify(call.arguments);
+    frames += this.frame(
+      "response.output_item.added",
+      `"output_index":${index},"item":${JSON.stringify(this.item(item, "in_progress"))}`,
+    );
+    frames += this.frame("response.function_call_arguments.delta", `${at}"delta":${args}`);
+    frames += this.frame(
+      "response.function_call_arguments.done",
+      `${at}"name":${JSON.stringify(call.name)},"arguments":${args}`,
+    );
+    item.done = JSON.stringify(this.item(item, "completed"));
+    return frames + this.frame("response.output_item.done", `"output_index":${index},"item":${item.done}`);
+  }
+  close(t: Translation): string {
+    // An empty answer is still a message, as in the aggregated object; an answer that calls tools need not be.
+    let frames = this.end();
+    if (!this.items.some((i) => i.kind !== "reasoning")) frames += this.start("message") + this.end();
+    this.outputJson = this.items.map((i) => i.done ?? JSON.stringify(this.item(i, "completed"))).join(",");
+    return frames + this.frame("response.completed", `"response":${this.responseJson(this.outputJson, t.usage)}`);
   }
   error(e: ApiError): string {
     const output = this.items.map((i) => this.item(i, i === this.current ? "incomplete" : "completed"));
@@ -2940,6 +3451,22 @@ export class ResponsesFormat implements AnswerFormat {
         `"code":${JSON.stringify(e.code)},"message":${JSON.stringify(e.message)},"param":${JSON.stringify(e.param)}`,
       );
   }
+  /** The complete response as kept for `GET /v1/responses/{id}` (`keptJson` writes it again). */
+  kept(t: Translation): KeptResponse {
+    this.outputJson ??= JSON.stringify(this.object(t).output).slice(1, -1);
+    const kept: KeptResponse = { a: this.created, z: this.completedAt!, m: this.model, o: this.outputJson };
+    const changes = echoChanges(this.echo);
+    if (changes) kept.e = changes;
+    if (t.usage) kept.n = t.usage;
+    return kept;
+  }
+  /** A kept response's JSON: the same bytes as its `response.completed` event, or its aggregated body. */
+  static keptJson(id: string, k: KeptResponse): string {
+    const echo = k.e ? { ...defaultEcho(), ...JSON.parse(k.e) } : defaultEcho();
+    const format = new ResponsesFormat(id, k.a, k.m, echo, false);
+    format.completedAt = k.z;
+    return format.responseJson(k.o, k.n);
+  }
   object(t: Translation) {
     // Built once: the stored copy and the client's body are the same object.
     if (this.final) return this.final;
@@ -2948,13 +3475,16 @@ export class ResponsesFormat implements AnswerFormat {
     if (this.reasoningItems && t.reasoning) {
       output.push({ id: `rs_${suffix}_0`, type: "reasoning", summary: [summaryText(t.reasoning)] });
     }
-    output.push({
-      id: `msg_${suffix}_${output.length}`,
-      type: "message",
-      status: "completed",
-      content: [outputText(t.content)],
-      role: "assistant",
-    });
+    if (t.content || !t.calls?.length) {
+      output.push({
+        id: `msg_${suffix}_${output.length}`,
+        type: "message",
+        status: "completed",
+        content: [outputText(t.content)],
+        role: "assistant",
+      });
+    }
+    for (const call of t.calls ?? []) output.push(functionCallItem(`fc_${suffix}_${output.length}`, call, "completed"));
     this.final = this.response("completed", output, t.usage);
     return this.final;
   }
@@ -2972,7 +3502,7 @@ export class ResponsesFormat implements AnswerFormat {
       created_at: this.created,
       status,
       background: false,
-      completed_at: status === "completed" ? Math.floor(Date.now() / 1000) : null,
+      completed_at: status === "completed" ? (this.completedAt ??= Math.floor(Date.now() / 1000)) : null,
       error,
       incomplete_details: null,
       ...this.echo,
@@ -2983,6 +3513,14 @@ export class ResponsesFormat implements AnswerFormat {
       top_logprobs: 0,
       usage: status === "in_progress" ? null : responseUsage(usage),
     };
+  }
+
+  /** The complete `response` as JSON around output items already in JSON: their text is not serialised again. */
+  private responseJson(output: string, usage?: Usage): string {
+    const json = JSON.stringify(this.response("completed", [], usage));
+    // Only the bridge's own fields follow `output` (the client's echoed settings come before it).
+    const at = json.lastIndexOf(`"output":[]`) + `"output":[`.length;
+    return json.slice(0, at) + output + json.slice(at);
   }
 
   private frame(type: string, fields: string): string {
@@ -3042,14 +3580,12 @@ export class ResponsesFormat implements AnswerFormat {
           "response.reasoning_summary_part.done",
           `${item.at}"summary_index":0,"part":${JSON.stringify(summaryText(item.text))}`,
         );
-    return frames +
-      this.frame(
-        "response.output_item.done",
-        `"output_index":${item.index},"item":${JSON.stringify(this.item(item, "completed"))}`,
-      );
+    item.done = JSON.stringify(this.item(item, "completed"));
+    return frames + this.frame("response.output_item.done", `"output_index":${item.index},"item":${item.done}`);
   }
 
   private item(item: OutputItem, status: "in_progress" | "completed" | "incomplete") {
+    if (item.call) return functionCallItem(item.id, item.call, status);
     if (item.kind === "reasoning") {
       return { id: item.id, type: "reasoning", summary: status === "in_progress" ? [] : [summaryText(item.text)] };
     }
@@ -3072,6 +3608,9 @@ export class Frames implements Sink {
   }
   reasoning(text: string): void {
     this.text += this.format.reasoning(text);
+  }
+  toolCall(call: ToolCall): void {
+    this.text += this.format.toolCall(call);
   }
   ping(): void {
     this.text += ": ping\n\n";
@@ -3149,8 +3688,6 @@ export const pullStreamBody: StreamBody = (start, cancel) => {
 export class AnswerStream {
   #state: StreamState = "holding";
   #frames: Frames;
-  /** The read of Dify in flight: the hold may end while one is, and the writing loop takes it over. */
-  #reading?: Promise<boolean>;
   #commit!: () => void;
   #committed = new Promise<boolean>((resolve) => this.#commit = () => resolve(true));
   #writer?: BodyWriter;
@@ -3178,7 +3715,7 @@ export class AnswerStream {
   async hold(): Promise<ApiError | undefined> {
     const t = this.events.t;
     while (this.#state === "holding") {
-      const more = await Promise.race([this.#read(), this.#committed]);
+      const more = await Promise.race([this.events.next(), this.#committed]);
       if (this.#state !== "holding") break;
       if (!more && this.events.outcome && !t.bytes) {
         this.#state = "closed";
@@ -3207,43 +3744,37 @@ export class AnswerStream {
     this.ex.leave(this.events.t.taskId);
     // Nobody reads for the client any more: read on until Dify names its task (or the watchdog's grace ends).
     (async () => {
-      while (!this.ex.upstream.signal.aborted && await this.#read());
+      while (!this.ex.upstream.signal.aborted && await this.events.next());
       this.#end(this.events.outcome ?? CLIENT_GONE);
     })();
   }
 
-  #read(): Promise<boolean> {
-    return this.#reading ??= this.events.next().finally(() => this.#reading = undefined);
-  }
-
+  /** One loop, one await per step (every await costs a turn of the event loop's microtasks, per chunk). */
   async #run(writer: BodyWriter): Promise<void> {
+    const ex = this.ex;
     while (this.#state === "open") {
       const text = this.#frames.take();
-      if (text) {
-        await this.#write(writer, text);
+      if (!text) {
+        const more = await this.events.next();
+        if (this.#state !== "open") return;
+        if (!more) return this.#close(writer);
         continue;
       }
-      const more = await this.#read();
-      if (this.#state !== "open") return;
-      if (!more) return this.#close(writer);
+      let room: Promise<void> | void;
+      try {
+        room = writer.write(textEncoder.encode(text));
+      } catch {
+        return this.leave();
+      }
+      ex.lastWrite = ex.now();
+      if (!room) continue;
+      // Dify is not read again until the client takes this: if it never does, the watchdog drops it.
+      ex.stalledSince = ex.lastWrite;
+      this.#waitingForClient = true;
+      await room;
+      this.#waitingForClient = false;
+      ex.stalledSince = undefined;
     }
-  }
-
-  async #write(writer: BodyWriter, text: string): Promise<void> {
-    let room: Promise<void> | void;
-    try {
-      room = writer.write(textEncoder.encode(text));
-    } catch {
-      return this.leave();
-    }
-    this.ex.lastWrite = this.ex.now();
-    if (!room) return;
-    // Dify is not read again until the client takes this: if it never does, the watchdog drops it.
-    this.ex.stalledSince = this.ex.lastWrite;
-    this.#waitingForClient = true;
-    await room;
-    this.#waitingForClient = false;
-    this.ex.stalledSince = undefined;
   }
 
   /** Dify's answer is over: the format's closing frames, or an error frame after what was said. */
@@ -3294,12 +3825,17 @@ interface LogEntry {
   [field: string]: unknown;
 }
 
+/** CORS on every response: what a browser checks on the answer itself (the rest only on the preflight). */
 const CORS_HEADERS: Readonly<Record<string, string>> = {
   "access-control-allow-origin": "*",
+  "access-control-expose-headers": "x-dify-conversation-id, x-request-id",
+};
+/** A preflight's answer (`OPTIONS`): which methods and headers a browser may send, for a day. */
+const PREFLIGHT_HEADERS: Readonly<Record<string, string>> = {
+  ...CORS_HEADERS,
   "access-control-allow-methods": "GET, POST, DELETE, OPTIONS",
   "access-control-allow-headers":
     "authorization, content-type, x-session-id, session-id, session_id, thread-id, x-session-affinity, x-client-request-id, x-dify-conversation-id, x-openwebui-chat-id, openai-organization, openai-project, x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout",
-  "access-control-expose-headers": "x-dify-conversation-id, x-request-id",
   "access-control-max-age": "86400",
 };
 
@@ -3381,8 +3917,9 @@ async function readBody(req: Request, limit: number, timeoutMs: number, deadline
     reader = req.body.getReader();
   } else if (Number(length) === 0) throw badRequest("the request has no body");
   let cancel = () => {};
+  // BODY_TIMEOUT_SECONDS=0 means no limit, as every other *_SECONDS=0 does.
   const late = new Promise<never>((_, reject) => {
-    cancel = deadline(timeoutMs, () => reject(bodyTimeout(timeoutMs)));
+    if (timeoutMs > 0) cancel = deadline(timeoutMs, () => reject(bodyTimeout(timeoutMs)));
   });
   const read = reader ? readCapped(reader, limit, tooBig) : req.arrayBuffer().then((buffer) => new Uint8Array(buffer));
   try {
@@ -3444,12 +3981,20 @@ function bearerToken(req: Request): string | undefined {
 /** The server: a plain `(Request) => Response` handler plus what shutdown needs. */
 
 /** The request's path, or "" when its target is no URL (Bun passes `CONNECT host:port` through). */
+/** Paths by request URL: most requests name one of a few URLs, and a lookup costs less than a parse. */
+const requestPaths = new Map<string, string>();
+
 function requestPath(url: string): string {
+  let path = requestPaths.get(url);
+  if (path !== undefined) return path;
   try {
-    return new URL(url).pathname;
+    path = new URL(url).pathname;
   } catch {
-    return "";
+    path = "";
   }
+  if (requestPaths.size >= 256) requestPaths.clear();
+  requestPaths.set(url, path);
+  return path;
 }
 
 /** A percent-encoded path segment; malformed encoding is the client's 400, not a 500. */
@@ -3482,7 +4027,9 @@ function labelValue(v: string): string {
 
 /** One metric: its series by label values; a series holds a counter's value, or a histogram's cells. */
 class MetricFamily {
-  readonly #series = new Map<string, { values: string[]; cells: number[] }>();
+  readonly #series: { values: string[]; cells: number[] }[] = [];
+  /** The series by their label values, one map level per label: counting builds no key string. */
+  readonly #index = new Map<string, unknown>();
 
   constructor(
     readonly name: string,
@@ -3494,15 +4041,28 @@ class MetricFamily {
 
   /** A histogram's cells: the count per bucket (not cumulative), then the overflow bucket, the sum and the count. */
   #cells(values: string[]): number[] {
-    const key = values.join("\u0000");
-    let series = this.#series.get(key);
-    if (!series) {
-      const full = this.#series.size >= MAX_SERIES;
-      if (full && values.some((v) => v !== OVERFLOW)) return this.#cells(values.map(() => OVERFLOW));
-      series = { values, cells: new Array(this.buckets ? this.buckets.length + 3 : 1).fill(0) };
-      this.#series.set(key, series);
+    const last = values.length - 1;
+    let found: Map<string, unknown> | undefined = this.#index;
+    for (let i = 0; i < last && found; i++) found = found.get(values[i]) as Map<string, unknown> | undefined;
+    const cells = found?.get(values[last]) as number[] | undefined;
+    if (cells) return cells;
+    const full = this.#series.length >= MAX_SERIES;
+    if (full && values.some((v) => v !== OVERFLOW)) return this.#cells(values.map(() => OVERFLOW));
+    return this.#newSeries(values);
+  }
+
+  #newSeries(values: string[]): number[] {
+    let level = this.#index;
+    const last = values.length - 1;
+    for (let i = 0; i < last; i++) {
+      let next = level.get(values[i]) as Map<string, unknown> | undefined;
+      if (!next) level.set(values[i], next = new Map());
+      level = next;
     }
-    return series.cells;
+    const cells: number[] = new Array(this.buckets ? this.buckets.length + 3 : 1).fill(0);
+    this.#series.push({ values, cells });
+    level.set(values[last], cells);
+    return cells;
   }
 
   add(values: string[], n = 1): void {
@@ -3522,7 +4082,7 @@ class MetricFamily {
   render(): string {
     const type = this.buckets ? "histogram" : "counter";
     let text = `# HELP ${this.name} ${this.help}\n# TYPE ${this.name} ${type}\n`;
-    for (const { values, cells } of this.#series.values()) {
+    for (const { values, cells } of this.#series) {
       const labels = this.labels.map((l, i) => `${l}="${labelValue(values[i])}"`);
       if (!this.buckets) {
         text += `${this.name}{${labels.join(",")}} ${cells[0]}\n`;
@@ -3614,6 +4174,8 @@ export class Metrics {
   );
   /** Answers in flight (the server sets it). */
   openStreams: () => number = () => 0;
+  /** Route labels by request path (a bounded memo: paths are the client's). */
+  #routes = new Map<string, string>();
 
   /** `model` as a label: the served model ids, or any name the catch-all app answers to. */
   constructor(private modelLabel: (model: string) => string = (model) => model) {}
@@ -3622,14 +4184,14 @@ export class Metrics {
   counted(handler: (req: Request) => Promise<Response>): (req: Request) => Promise<Response> {
     return async (req) => {
       const res = await handler(req);
-      this.#requests.add([routeLabel(requestPath(req.url)), String(res.status)]);
+      this.#requests.add([this.#route(requestPath(req.url)), String(res.status)]);
       return res;
     };
   }
 
   /** One answer is over (its log line is written): its status, times, tokens, error and conversation. */
   answered(entry: AnsweredEntry, t: Translation, error?: ApiError): void {
-    const route = routeLabel(String(entry.path ?? ""));
+    const route = this.#route(String(entry.path ?? ""));
     const model = this.modelLabel(String(entry.model ?? ""));
     this.#answers.add([route, model, String(entry.status ?? error?.status ?? 200)]);
     if (typeof entry.ttft_ms === "number") this.#firstByte.observe([route, model], entry.ttft_ms / 1000);
@@ -3644,6 +4206,15 @@ export class Metrics {
       const outcome = entry.recovered ? "recovered" : via === "new" ? "started" : "continued";
       this.#conversations.add([outcome, via]);
     }
+  }
+
+  #route(pathname: string): string {
+    let route = this.#routes.get(pathname);
+    if (route === undefined) {
+      if (this.#routes.size >= 256) this.#routes.clear();
+      this.#routes.set(pathname, route = routeLabel(pathname));
+    }
+    return route;
   }
 
   /** A request failed before any answer: its error, by code. */
@@ -3752,8 +4323,8 @@ interface Ask {
   token?: string;
   entry: LogEntry;
   format: AnswerFormat;
-  /** Called once the answer is complete, beside the turn's record (Responses: stores the response). */
-  recorded?: (r: Route, res: Resolution, t: Translation) => void;
+  /** Entries a complete answer stores in its turn's record write (Responses: the response, unless `store: false`). */
+  kept?: (r: Route, res: Resolution, t: Translation) => [StoreKey, unknown][];
 }
 
 export function createServer(config: Config, deps: Deps) {
@@ -3874,11 +4445,10 @@ export function createServer(config: Config, deps: Deps) {
       config.reasoning === "reasoning_content",
     );
     // `store: false` (Codex) keeps nothing: the client resends its history, as OpenAI's API expects.
-    const recorded = (r: Route, res: Resolution, t: Translation) => {
-      const object = format.final ?? format.object(t);
-      deps.store.set(storeKeys.response(client, r.app.model, id), storedResponse(t.conversationId, res.user, object));
-    };
-    return await answer(req, { request, client, token, entry, format, recorded: request.store ? recorded : undefined });
+    const kept = (r: Route, res: Resolution, t: Translation): [StoreKey, unknown][] => [
+      [storeKeys.response(client, r.app.model, id), storedResponse(t.conversationId, res.user, format.kept(t))],
+    ];
+    return await answer(req, { request, client, token, entry, format, kept: request.store ? kept : undefined });
   }
 
   /** `GET` or `DELETE /v1/responses/{id}`: a response this bridge stored for this client. */
@@ -3900,11 +4470,12 @@ export function createServer(config: Config, deps: Deps) {
       const dify = atDify ? { dify_deleted: gone ? [stored.c] : [] } : {};
       return jsonResponse(200, { id, object: "response.deleted", deleted: true, ...dify });
     }
-    if (stored.o === undefined) {
+    const json = stored.k ? ResponsesFormat.keptJson(id, stored.k) : stored.o;
+    if (json === undefined) {
       const why = `was over ${RESPONSE_OBJECT_BYTES} bytes, too large to keep (it can still be continued)`;
       throw apiError("response_not_found", `response ${preview(id)} ${why}`);
     }
-    return new Response(stored.o, { headers: { "content-type": "application/json", ...CORS_HEADERS } });
+    return new Response(json, { headers: { "content-type": "application/json", ...CORS_HEADERS } });
   }
 
   /**
@@ -4073,9 +4644,12 @@ export function createServer(config: Config, deps: Deps) {
     turn: Turn,
     res: Resolution,
     ex: Exchange,
+    tools?: ToolTurn,
   ): Promise<{ upstream: Response; res: Resolution }> {
     const inputs: Record<string, unknown> = { ...ask.request.inputs };
     if (config.systemPrompt !== "drop" && turn.system.trim()) inputs.system_prompt ??= turn.system;
+    // For apps that place the tools in their own prompt; an app without such an input ignores it.
+    if (tools) inputs.tools ??= JSON.stringify(tools.ask.tools);
     // An input the app requires is missing: the client's 400, before a file or a run reaches Dify.
     const query = difyQuery(turn, !res.conversationId, config.systemPrompt);
     const sent = difyRequestBody(r.type, r.app, { query, user: res.user, inputs, files: [] }).inputs;
@@ -4084,7 +4658,7 @@ export function createServer(config: Config, deps: Deps) {
     const files = await difyFiles(deps.fetch, r, res.user, turn.files, ex.upstream.signal);
     const body = (resolution: Resolution) =>
       difyRequestBody(r.type, r.app, {
-        query: difyQuery(turn, !resolution.conversationId, config.systemPrompt),
+        query: difyQuery(turn, !resolution.conversationId, config.systemPrompt, tools),
         user: resolution.user,
         conversationId: resolution.conversationId,
         inputs,
@@ -4103,6 +4677,20 @@ export function createServer(config: Config, deps: Deps) {
     }
   }
 
+  /** The client's tools on this turn, with the tool set the continued conversation had last. */
+  async function toolTurnOf(ask: ToolAsk, res: Resolution, r: Route, client: string): Promise<ToolTurn> {
+    const known = res.conversationId
+      ? await deps.store.get<string>(storeKeys.tools(client, r.app.model, res.conversationId))
+      : null;
+    return { ask, hash: toolSetHash(ask.tools), known: known ?? undefined };
+  }
+
+  /** The conversation now has this tool set (the block went with this turn), unless it already had. */
+  function recordToolSet(tools: ToolTurn, res: Resolution, conversation: string, r: Route, client: string): void {
+    if (tools.known === tools.hash && res.conversationId === conversation) return;
+    deps.store.set(storeKeys.tools(client, r.app.model, conversation), tools.hash);
+  }
+
   /** The request's log line, once its answer is over. */
   function logAnswer(entry: LogEntry, ex: Exchange, t: Translation, turn: Turn, error: ApiError | undefined): void {
     entry.status = error?.status ?? 200;
@@ -4113,6 +4701,9 @@ export function createServer(config: Config, deps: Deps) {
     }
     if (error) entry.error = error.code;
     if (t.paused) entry.paused = t.paused;
+    if (t.calls?.length) entry.tool_calls = t.calls.length;
+    // Why text that looked like a call was not one: the app's LLM may not follow the format.
+    if (t.scan?.notes.length) entry.tool_text = t.scan.notes;
     if (config.logContent) {
       entry.query = turn.query;
       entry.answer = t.content;
@@ -4131,12 +4722,17 @@ export function createServer(config: Config, deps: Deps) {
     entry.stream = request.stream;
     const r = await route(request.model, ask.token);
     entry.app_type = r.type;
-    const turn = buildTurn(request.messages, config.envelope);
+    const toolMode = r.app.tools ?? config.tools;
+    const tools = offeredTools(request.tools, toolMode, r.app.model);
+    // Results go back in the format the app was told, even on a turn that offers no tools (`tool_choice: "none"`).
+    const turn = buildTurn(request.messages, config.envelope, toolMode === "emulate");
     const release = takeSlot();
     const ex = new Exchange(deps.now);
     watchdog.add(ex);
     const keep = !request.stream || config.logContent || ask.format.keepsText === true;
     const t = newTranslation(r.type, request.stream, keep);
+    if (tools) t.scan = new ToolCallScan(new Set(tools.tools.map((f) => f.name)), tools.parallel);
+    let toolTurn: ToolTurn | undefined;
     // A streamed answer is not kept: its fingerprint for the next turn is made as it streams.
     const print = !keep && config.conversationMode === "history" && r.type !== "workflow" && r.type !== "completion"
       ? new AnswerPrint(turn.system, [...turn.history, ...turn.current])
@@ -4144,23 +4740,33 @@ export function createServer(config: Config, deps: Deps) {
     if (print) t.tap = (text) => print.push(text);
     let stream: AnswerStream | undefined = undefined;
     const clientGone = () => stream ? stream.leave() : ex.leave(t.taskId);
-    req.signal?.addEventListener("abort", clientGone, { once: true });
+    // Deno makes `req.signal` on first use, with an async op per request: a streamed answer over
+    // before the watchdog's next tick never needs it (once open, its body hears of a client gone
+    // from its cancel). An aggregated answer has no body to tell, so it listens from the start.
+    let watching = false;
+    const watch = () => {
+      watching = true;
+      if (req.signal?.aborted) clientGone();
+      else req.signal?.addEventListener("abort", clientGone, { once: true });
+    };
+    const unwatch = request.stream ? watchdog.deadline(0, watch) : () => {};
+    if (!request.stream) watch();
     let res: Resolution = { via: "new", user: "", head: null };
     /** The exchange is over: a complete turn is recorded, and what it held is freed. */
     const settle = (error: unknown) => {
-      req.signal?.removeEventListener("abort", clientGone);
+      unwatch();
+      if (watching) req.signal?.removeEventListener("abort", clientGone);
       watchdog.delete(ex);
-      if (!error) {
-        recordTurn(conversations, request, turn, r, client, res, t, print);
-        ask.recorded?.(r, res, t);
-      }
+      if (!error) recordTurn(conversations, request, turn, r, client, res, t, print, ask.kept?.(r, res, t));
+      if (!error && toolTurn && t.conversationId) recordToolSet(toolTurn, res, t.conversationId, r, client);
       releaseConversation(conversations, res);
       release();
     };
     let upstream: Response;
     try {
       res = await resolveConversation(conversations, request, turn, r, client);
-      ({ upstream, res } = await openDify(ask, r, turn, res, ex));
+      toolTurn = tools && await toolTurnOf(tools, res, r, client);
+      ({ upstream, res } = await openDify(ask, r, turn, res, ex, toolTurn));
     } catch (e) {
       settle(e);
       throw e;
@@ -4201,11 +4807,16 @@ export function createServer(config: Config, deps: Deps) {
     return new Response(stream.body(deps.streamBody ?? pullStreamBody), { headers: { ...SSE_HEADERS, ...headers } });
   }
 
+  /** Dify origins by app URL: parsed once, not per answer. */
+  const origins = new Map<string, string>();
+
   function translateOptions(r: Route): TranslateOptions {
+    let origin = origins.get(r.app.url);
+    if (origin === undefined) origins.set(r.app.url, origin = new URL(r.app.url).origin);
     return {
       reasoning: config.reasoning,
       reasoningNodes: config.reasoningNodes,
-      origin: new URL(r.app.url).origin,
+      origin,
       app: r.app,
       clientKey: r.clientKey,
     };
@@ -4217,7 +4828,7 @@ export function createServer(config: Config, deps: Deps) {
     const entry: LogEntry = { t: new Date().toISOString(), method: req.method, path: pathname };
     try {
       if (!pathname) throw badRequest(`the request target is not a path: ${preview(req.url)}`);
-      if (req.method === "OPTIONS") return new Response(null, { status: 204, headers: CORS_HEADERS });
+      if (req.method === "OPTIONS") return new Response(null, { status: 204, headers: PREFLIGHT_HEADERS });
       if (path === "/healthz" || path === "/health") {
         if (req.method !== "GET" && req.method !== "HEAD") throw methodNotAllowed("GET");
         return jsonResponse(200, { status: "ok", streams: active });
@@ -4453,10 +5064,26 @@ interface KvWrite {
   fail: (e: unknown) => void;
 }
 
-/** Writes per grouped commit: within Deno KV's per-commit limits (and `getMany`'s 10 keys). */
-const KV_BATCH = 10;
+/**
+ * Writes per grouped commit, within Deno KV's per-commit limits (checks, mutations, bytes): a commit's
+ * fixed cost is most of a small write's, so under load the more writes share one, the cheaper each is.
+ */
+const KV_BATCH = 64;
+/** Writes per commit that read their expected value first: `getMany` takes 10 keys. */
+const KV_READS = 10;
+/** Value characters per commit, roughly (`roughChars`): a commit holds at most 800 KB, and a character up to 3 bytes. */
+const KV_COMMIT_CHARS = 200_000;
 /** How long a write waits for others to share its commit. */
-const KV_GROUP_MS = 10;
+const KV_GROUP_MS = 25;
+
+/** A stored value's size as a commit counts it, roughly: the store's values are flat records of short fields. */
+function roughChars(v: unknown): number {
+  if (typeof v === "string") return v.length;
+  if (!isObject(v)) return 16;
+  let n = 16;
+  for (const x of Object.values(v)) n += typeof x === "string" ? x.length : 16;
+  return n;
+}
 
 /**
  * Store writes, grouped: a write waits up to KV_GROUP_MS (and while a commit is in flight) for
@@ -4556,9 +5183,16 @@ export class DenoKvStore implements Store {
   #nextBatch(waiting: KvWrite[]): KvWrite[] {
     const batch: KvWrite[] = [];
     const written = new Set<string>();
+    let reads = 0;
+    let chars = 0;
     for (const w of waiting) {
       const id = JSON.stringify(w.key);
       if (batch.length === KV_BATCH || (w.checked && written.has(id))) break;
+      const read = w.checked && w.expected !== null;
+      const size = roughChars(w.value) + w.also.reduce((n, [, v]) => n + roughChars(v), 0);
+      if (batch.length && ((read && reads === KV_READS) || chars + size > KV_COMMIT_CHARS)) break;
+      if (read) reads++;
+      chars += size;
       batch.push(w);
       written.add(id);
       for (const [k] of w.also) written.add(JSON.stringify(k));
@@ -4850,7 +5484,8 @@ function bunRuntime(bun: BunLike, proc: ProcessLike): Runtime {
     },
     // Bun's fetch bodies refuse BYOB readers, and hand over large chunks anyway.
     bodyReader: defaultReader,
-    // Bun pulls a standard stream as fast as it can and buffers what the client has not taken.
+    // Bun up to 1.3 pulls a standard stream as fast as it can, buffering what the client has not
+    // taken; 1.4.5 bounds it, but a stalled client still costs more than direct writes that wait.
     streamBody: directStreamBody,
     exit: (code) => proc.exit(code),
   };

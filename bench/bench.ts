@@ -14,6 +14,7 @@
 //   --keep-logs             keep the processes' logs (their folder is printed)
 //   --no-write              do not write bench/results.json / bench/results.md
 //   --no-ladder             skip the ablation ladder at the end (bench/ladder/ladder.ts, ~6 min)
+//   --before FILE           the ladder also runs this older main.ts (before/after in one run)
 //
 // Every server (fake Dify, pass-throughs, proxies) and every load generator
 // runs in its own process. All of them are killed at the end, on errors and on
@@ -36,6 +37,7 @@ interface Options {
   keepLogs: boolean;
   write: boolean;
   ladder: boolean;
+  before?: string;
 }
 
 type PathKey = "direct" | "native" | "byob" | "js" | "deno" | "responses" | "deno-off" | "bun";
@@ -86,6 +88,9 @@ function parseOptions(args: string[]): Options {
       case "--no-ladder":
         o.ladder = false;
         break;
+      case "--before":
+        o.before = v();
+        break;
       case "--no-write":
         o.write = false;
         break;
@@ -94,7 +99,7 @@ function parseOptions(args: string[]): Options {
         console.log(
           "usage: deno run -A bench/bench.ts [--quick] [--paths direct,native,js,deno,bun]\n" +
             "       [--events N] [--proxy-entry FILE] [--conversation-mode off|history|user]\n" +
-            "       [--keep-logs] [--no-write] [--no-ladder]",
+            "       [--keep-logs] [--no-write] [--no-ladder] [--before FILE]",
         );
         Deno.exit(0);
         break;
@@ -1219,6 +1224,16 @@ function renderMarkdown(meta: Record<string, unknown>, results: PathResult[], no
         `(${fmt(r.paced?.cpuMsPer1kEvents, 1)} vs ${fmt(by.js?.paced?.cpuMsPer1kEvents, 1)} ms)`,
     );
   }
+  const [resp, chat] = [by.responses, by.deno];
+  if (resp?.throughput && chat?.throughput) {
+    const cpu = ratio(resp.throughput.cpu.serverUsPerReq ?? NaN, chat.throughput.cpu.serverUsPerReq ?? NaN);
+    const rps = ratio(resp.throughput.rps, chat.throughput.rps);
+    const p50 = ratio(resp.latency?.p50Ms, chat.latency?.p50Ms);
+    L.push(
+      `- ${resp.label} / ${chat.label}, the same answer: CPU per request ${cpu}×, throughput ${rps}×, ` +
+        `p50 at c=1 ${p50}× (throughput phases one after the other; the ladder below takes them round by round)`,
+    );
+  }
   for (const k of ["native", "byob", "js", "deno", "responses", "deno-off", "bun"] as const) {
     const r = by[k];
     if (!r?.latency || directP50 === undefined) continue;
@@ -1419,7 +1434,13 @@ async function main() {
   if (opts.ladder) {
     log("the ladder: every row at once, taking turns (bench/ladder/ladder.ts)");
     const rounds = opts.quick ? { rounds: 3, seconds: 2, latencySeconds: 1 } : {};
-    const table = await ladder({ ...LADDER_DEFAULTS, ...rounds, main: opts.proxyEntry, events: opts.events });
+    const table = await ladder({
+      ...LADDER_DEFAULTS,
+      ...rounds,
+      main: opts.proxyEntry,
+      before: opts.before,
+      events: opts.events,
+    });
     md += `\n## Ladder (one interleaved run)\n\n${table}\n\n${LADDER_NOTE}\n`;
   }
   console.log("\n" + md);

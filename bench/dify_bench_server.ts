@@ -14,6 +14,7 @@
 //   POST /v1/chat-messages            streamed answer (modern Dify SSE framing)
 //   POST /v1/chat-messages/{id}/stop  {"result":"success"}
 //   GET  /v1/info                     app info
+//   GET  /v1/parameters               app parameters (no required inputs)
 //   GET  /_stats                      counters (active / peak concurrent streams ...)
 //   POST /_stats/reset                zero the peak and the counters
 //
@@ -238,6 +239,17 @@ async function handler(req: Request): Promise<Response> {
       tags: [],
       mode: "chat",
       author_name: "bench",
+    });
+  }
+  // Every Dify serves it, and the bridge asks once per app (a 404 would be asked again on every request).
+  if (req.method === "GET" && pathname === "/v1/parameters") {
+    return json({
+      opening_statement: "",
+      user_input_form: [],
+      speech_to_text: { enabled: false },
+      text_to_speech: { enabled: false },
+      file_upload: { image: { enabled: false } },
+      system_parameters: { file_size_limit: 15 },
     });
   }
   if (pathname === "/_stats") return json({ ...stats, options: opts });

@@ -20,6 +20,8 @@
  *   fault:malformed | huge_line[:<n>] | workflow_no_chunks | workflow_outputs_object
  *   fault:firehose:<n>        an answer of <n> bytes in 1 KB message events, made only as the bridge reads
  *                             (`firehoseBytes()` counts what it took): shows backpressure
+ *   tools:<script>[:<n>]      (chat family; anywhere in the conversation) an LLM asked for `<tool_call>`s: see
+ *                             `toolsAnswer` at the end of this file; streamed 3 characters per message event
  * Generated answers: chat family `Turn <n> of <conv id[0:8]>: <query[0:200]>`, completion `Completion: <text>`,
  * workflow `Workflow: <inputs.query or first string input>`.
  *
@@ -1544,7 +1546,9 @@ async function handleGenerate(state: State, inc: Incoming, endpoint: Endpoint): 
   } else if (endpoint === "completion") {
     answer = `Completion: ${truncateChars(sourceText, 200)}`;
   } else answer = `Workflow: ${sourceText}`;
-  let chunks = splitWords(answer);
+  const scripted = endpoint === "chat" && conv ? toolsAnswer(conv, inputs) : undefined;
+  if (scripted !== undefined) answer = scripted;
+  let chunks = scripted === undefined ? splitWords(answer) : answer.match(/[\s\S]{1,3}/g) ?? [];
   let trailingEmpty = mode === "chat" || mode === "completion" ||
     mode === "agent-chat";
   if (plan.hugeLine !== undefined) {
@@ -2122,4 +2126,60 @@ async function handleTextToAudio(state: State, inc: Incoming): Promise<Response>
     },
   });
   return new Response(stream, { status: 200, headers: { "content-type": "audio/mpeg" } });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tool calls: an LLM node told of the client's tools (the bridge's TOOLS=emulate)
+// ---------------------------------------------------------------------------------------------------------------
+
+const TOOLS_DIRECTIVE = /\btools:([a-z_]+)(?::(\d+))?/;
+
+/**
+ * The answer of a conversation that carries `tools:<script>[:<n>]` in any of its queries, or undefined.
+ * The function called is the first in the `tools` input (a JSON list of {name, …}); `arguments` is
+ * `{"step": k}`, k = the tool results the conversation has had + 1.
+ *   follow[:n]     calls until the conversation has had n results (default 1), then `Done after <k> results: <last>`
+ *   text_then_call `Let me check. ` and a call          two     two calls (steps k and k+1)
+ *   half           `Checking <tool_ca` (half a tag)       badjson a call whose JSON does not parse
+ *   unknown        a call of `no_such_tool`               unclosed a whole call without `</tool_call>`
+ */
+function toolsAnswer(conv: FakeConversation, inputs: Json): string | undefined {
+  const queries = conv.turns.map((t) => t.query);
+  const found = queries.map((q) => TOOLS_DIRECTIVE.exec(q)).find(Boolean);
+  if (!found) return undefined;
+  let name = "none_offered";
+  try {
+    const tools = JSON.parse(String(inputs.tools ?? "[]"));
+    if (Array.isArray(tools) && typeof tools[0]?.name === "string") name = tools[0].name;
+  } catch { /* no tools input: the call names none_offered */ }
+  const results = queries.flatMap((q) =>
+    [...q.matchAll(/<tool_response>(\{[\s\S]*?)<\/tool_response>/g)].map((m) => m[1])
+  );
+  const call = (fn: string, step: number) =>
+    `<tool_call>\n${pyJsonDumps({ name: fn, arguments: { step } })}\n</tool_call>`;
+  const step = results.length + 1;
+  switch (found[1]) {
+    case "follow": {
+      if (results.length < Number(found[2] ?? 1)) return call(name, step);
+      let last = results.at(-1) ?? "";
+      try {
+        last = String(JSON.parse(last).content);
+      } catch { /* not JSON: as it came */ }
+      return `Done after ${results.length} results: ${last}`;
+    }
+    case "text_then_call":
+      return `Let me check. ${call(name, step)}`;
+    case "two":
+      return `${call(name, step)}\n${call(name, step + 1)}`;
+    case "half":
+      return "Checking <tool_ca";
+    case "badjson":
+      return `<tool_call>{"name": "${name}", "arguments": {</tool_call>`;
+    case "unknown":
+      return call("no_such_tool", step);
+    case "unclosed":
+      return `<tool_call>${pyJsonDumps({ name, arguments: { step } })}`;
+    default:
+      return `unknown tools script ${found[1]}`;
+  }
 }

@@ -650,3 +650,39 @@ export const OPENCLAW_WIRE = new URL("../testdata/openclaw-wire/", import.meta.u
 export async function openclawRequest(name: string): Promise<Record<string, unknown>> {
   return JSON.parse(await Deno.readTextFile(new URL(`${name}.json`, OPENCLAW_WIRE)));
 }
+
+// ─── Processes ──────────────────────────────────────────────────────────────────────────────────
+
+export interface ProcessRig {
+  dify: FakeDify;
+  proc: ProcessBridge;
+  client: ReturnType<typeof openai>;
+}
+
+/**
+ * A fake Dify and `<rt> main.ts` in front of it; after `fn`, SIGTERM must end the process with 0.
+ * A failure carries what the process printed.
+ */
+export async function withProcess(
+  rt: "deno" | "bun",
+  env: Record<string, string> | ((dify: FakeDify) => Record<string, string>),
+  fn: (rig: ProcessRig) => Promise<void>,
+): Promise<void> {
+  const dify = await startFakeDify();
+  let proc: ProcessBridge | undefined;
+  try {
+    const extra = typeof env === "function" ? env(dify) : env;
+    proc = await startProcess(rt, { DIFY_API_URL: dify.url, DIFY_API_KEY: "app-chat", ...extra });
+    await fn({ dify, proc, client: openai(proc.url) });
+    const code = await proc.stop();
+    assert.equal(code, 0, `SIGTERM: ${rt} main.ts exited with ${code}`);
+  } catch (e) {
+    if (proc) {
+      await proc.stop();
+      if (e instanceof Error) e.message += `\n--- ${rt} main.ts printed ---\n${proc.output()}`;
+    }
+    throw e;
+  } finally {
+    await dify.close();
+  }
+}

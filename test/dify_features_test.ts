@@ -35,7 +35,6 @@ import {
   sseData,
   startProcess,
   streamText,
-  test,
   user,
   withBridge,
 } from "../bench/test_util.ts";
@@ -82,7 +81,7 @@ async function translate(fixture: string, reasoning: TranslateOptions["reasoning
 
 // ─── Configuration ──────────────────────────────────────────────────────────────────────────────
 
-test("config: AUTO_GENERATE_NAME globally and per app, workflow_id per app, FORGET_AT_DIFY", () => {
+Deno.test("config: AUTO_GENERATE_NAME globally and per app, workflow_id per app, FORGET_AT_DIFY", () => {
   const pinned = "5b8e6c1a-3f0e-4d7a-9d1e-2a4b6c8d0e1f";
   const apps = JSON.stringify({
     flow: { key: "app-chatflow", type: "chatflow", workflow_id: pinned, auto_generate_name: true },
@@ -109,7 +108,7 @@ test("config: AUTO_GENERATE_NAME globally and per app, workflow_id per app, FORG
   );
 });
 
-test("dify body: auto_generate_name only when off, workflow_id for a chatflow, a workflow app pins in the path", () => {
+Deno.test("dify body: auto_generate_name only when off, workflow_id for a chatflow, a workflow app pins in the path", () => {
   const pinned = "5b8e6c1a-3f0e-4d7a-9d1e-2a4b6c8d0e1f";
   const args = { query: "hi", user: "u", inputs: {}, files: [] };
   const base: AppConfig = { model: "m", url: "http://d/v1", input: "query" };
@@ -129,7 +128,7 @@ test("dify body: auto_generate_name only when off, workflow_id for a chatflow, a
 
 // ─── OpenAI fields ──────────────────────────────────────────────────────────────────────────────
 
-test("parse: fields a Dify app cannot honour are 400s naming the field", () => {
+Deno.test("parse: fields a Dify app cannot honour are 400s naming the field", () => {
   const base = { model: "m", messages: [user("x")] };
   const cases: [Record<string, unknown>, string][] = [
     [{ n: 2 }, "n"],
@@ -154,7 +153,7 @@ test("parse: fields a Dify app cannot honour are 400s naming the field", () => {
   );
 });
 
-test("parse: fields that only tune generation are accepted; safety_identifier is read like user", () => {
+Deno.test("parse: fields that only tune generation are accepted; safety_identifier is read like user", () => {
   const ignored = {
     temperature: 0.2,
     top_p: 0.9,
@@ -202,7 +201,7 @@ test("parse: fields that only tune generation are accepted; safety_identifier is
 
 // ─── Event translation ──────────────────────────────────────────────────────────────────────────
 
-test("events: reasoning_chunk becomes reasoning_content, apart from the clean answer", async () => {
+Deno.test("events: reasoning_chunk becomes reasoning_content, apart from the clean answer", async () => {
   const events = await fixtureEvents("chatflow_reasoning_chunk");
   const chunks = events.filter((e) => e.event === "reasoning_chunk").map((e) => e.data as Record<string, unknown>);
   const expected = chunks.map((d) => d.reasoning).join("");
@@ -217,7 +216,7 @@ test("events: reasoning_chunk becomes reasoning_content, apart from the clean an
   assert.ok(t.ended && !t.error);
 });
 
-test("events: reasoning_chunk as <think> (REASONING=think) closes at is_final; off drops it", async () => {
+Deno.test("events: reasoning_chunk as <think> (REASONING=think) closes at is_final; off drops it", async () => {
   const events = await fixtureEvents("chatflow_reasoning_chunk");
   const reasoning = events.filter((e) => e.event === "reasoning_chunk")
     .map((e) => (e.data as Record<string, unknown>).reasoning).join("");
@@ -232,7 +231,7 @@ test("events: reasoning_chunk as <think> (REASONING=think) closes at is_final; o
   assert.equal(off.t.reasoning, "");
 });
 
-test("events: reasoning from a second LLM node starts a new paragraph", () => {
+Deno.test("events: reasoning from a second LLM node starts a new paragraph", () => {
   const app: AppConfig = { model: "flow", url: "http://d/v1", input: "query" };
   const t = newTranslation("workflow", false);
   const sink: Sink = { content() {}, reasoning() {}, ping() {} };
@@ -255,7 +254,7 @@ test("events: reasoning from a second LLM node starts a new paragraph", () => {
   assert.equal(t.reasoning, "First. Still a.\n\nSecond.");
 });
 
-test("events: a workflow paused for human input ends the answer cleanly, saying what it waits for and where", async () => {
+Deno.test("events: a workflow paused for human input ends the answer cleanly, saying what it waits for and where", async () => {
   const events = await fixtureEvents("chatflow_paused_human_input");
   const answer = events.filter((e) => e.event === "message").map((e) => e.answer).join("");
   const { t, sent } = await translate("chatflow_paused_human_input");
@@ -272,7 +271,7 @@ test("events: a workflow paused for human input ends the answer cleanly, saying 
   assert.deepEqual(t.paused, { nodes: ["1795488200003"], run: "6192246c-ac30-4a02-8300-ae52a8538bd0" });
 });
 
-test("events: a pause without human_input_required still says where, from the pause's reasons or nodes", () => {
+Deno.test("events: a pause without human_input_required still says where, from the pause's reasons or nodes", () => {
   const app: AppConfig = { model: "wf", url: "http://d/v1", input: "query" };
   const o: TranslateOptions = { reasoning: "think", reasoningNodes: false, origin: "", app, clientKey: false };
   const sink: Sink = { content() {}, reasoning() {}, ping() {} };
@@ -304,7 +303,7 @@ test("events: a pause without human_input_required still says where, from the pa
 
 // ─── /parameters and required inputs ────────────────────────────────────────────────────────────
 
-test("parameters: the fixture's required input and speech switches; a missing input is a 400 naming it", async () => {
+Deno.test("parameters: the fixture's required input and speech switches; a missing input is a 400 naming it", async () => {
   const body = JSON.parse(new TextDecoder().decode(await readFixture("parameters_required_speech.json")));
   const p = appParameters(body);
   assert.deepEqual(p, { required: [{ variable: "city", label: "City" }], speechToText: true, textToSpeech: true });
@@ -325,7 +324,7 @@ test("parameters: the fixture's required input and speech switches; a missing in
   assert.match(two.message, /variables "city" \(City\), "day": send them/);
 });
 
-test("parameters: read once per app and key from the fake Dify, failures not kept", async () => {
+Deno.test("parameters: read once per app and key from the fake Dify, failures not kept", async () => {
   const fake = await startFakeDify();
   try {
     let now = 0;
@@ -357,7 +356,7 @@ test("parameters: read once per app and key from the fake Dify, failures not kep
 
 // ─── Audio ──────────────────────────────────────────────────────────────────────────────────────
 
-test("audio: the part type Dify's speech-to-text accepts", () => {
+Deno.test("audio: the part type Dify's speech-to-text accepts", () => {
   assert.equal(difyAudioType("a.mp3", "audio/mpeg"), "audio/mp3");
   assert.equal(difyAudioType("a.bin", "audio/mpeg; charset=binary"), "audio/mp3");
   assert.equal(difyAudioType("voice.m4a", ""), "audio/m4a");
@@ -368,7 +367,7 @@ test("audio: the part type Dify's speech-to-text accepts", () => {
   assert.equal(difyAudioType("x", ""), "application/octet-stream");
 });
 
-test("audio: transcription and speech requests are parsed as OpenAI defines them", async () => {
+Deno.test("audio: transcription and speech requests are parsed as OpenAI defines them", async () => {
   const file = new File([new Uint8Array([1, 2, 3])], "q.mp3", { type: "audio/mpeg" });
   const form = (fields: Record<string, string>, f: File | null = file) => {
     const fd = new FormData();
@@ -426,7 +425,7 @@ test("audio: transcription and speech requests are parsed as OpenAI defines them
   }
 });
 
-test("audio: speech-to-text and text-to-speech calls against the fake Dify", async () => {
+Deno.test("audio: speech-to-text and text-to-speech calls against the fake Dify", async () => {
   const fake = await startFakeDify();
   try {
     const f = (i: RequestInfo | URL, init?: RequestInit) => fetch(i, init);
@@ -470,7 +469,7 @@ test("audio: speech-to-text and text-to-speech calls against the fake Dify", asy
 
 // ─── Forgetting at Dify ─────────────────────────────────────────────────────────────────────────
 
-test("forget: a conversation is deleted at Dify under its user; gone already is not an error", async () => {
+Deno.test("forget: a conversation is deleted at Dify under its user; gone already is not an error", async () => {
   const fake = await startFakeDify();
   try {
     const f = (i: RequestInfo | URL, init?: RequestInit) => fetch(i, init);
@@ -531,7 +530,7 @@ function lastLog(logs: string[], path: string): Record<string, unknown> {
   return lines.at(-1);
 }
 
-test("http: reasoning_chunk streams as reasoning_content and aggregates as message.reasoning_content", async () => {
+Deno.test("http: reasoning_chunk streams as reasoning_content and aggregates as message.reasoning_content", async () => {
   const events = await fixtureEvents("chatflow_reasoning_chunk");
   const reasoning = events.filter((e) => e.event === "reasoning_chunk")
     .map((e) => (e.data as Record<string, unknown>).reasoning).join("");
@@ -563,7 +562,7 @@ test("http: reasoning_chunk streams as reasoning_content and aggregates as messa
   });
 });
 
-test("http: a paused workflow is a complete answer with finish_reason stop, logged, never an error frame", async () => {
+Deno.test("http: a paused workflow is a complete answer with finish_reason stop, logged, never an error frame", async () => {
   const events = await fixtureEvents("chatflow_paused_human_input");
   const partial = events.filter((e) => e.event === "message").map((e) => e.answer).join("");
   await withBridge({ DIFY_APPS: APPS }, async ({ bridge }) => {
@@ -597,7 +596,7 @@ test("http: a paused workflow is a complete answer with finish_reason stop, logg
   });
 });
 
-test("http: AUTO_GENERATE_NAME and workflow_id reach Dify as it expects", async () => {
+Deno.test("http: AUTO_GENERATE_NAME and workflow_id reach Dify as it expects", async () => {
   await withBridge({ DIFY_APPS: APPS, AUTO_GENERATE_NAME: "false" }, async ({ dify, bridge }) => {
     const client = bridge.client();
     await client.chat.completions.create({ model: "dify", messages: [user("hello")] });
@@ -617,7 +616,7 @@ test("http: AUTO_GENERATE_NAME and workflow_id reach Dify as it expects", async 
   });
 });
 
-test("http: a missing required input is a 400 naming it before Dify runs anything; /parameters is cached", async () => {
+Deno.test("http: a missing required input is a 400 naming it before Dify runs anything; /parameters is cached", async () => {
   await withBridge({ DIFY_APPS: APPS }, async ({ dify, bridge }) => {
     const client = bridge.client();
     for (const stream of [false, true]) {
@@ -646,7 +645,7 @@ test("http: a missing required input is a 400 naming it before Dify runs anythin
   });
 });
 
-test("http: OpenAI fields Dify cannot honour are 400s naming them; safety_identifier is the Dify user", async () => {
+Deno.test("http: OpenAI fields Dify cannot honour are 400s naming them; safety_identifier is the Dify user", async () => {
   await withBridge({}, async ({ dify, bridge }) => {
     const client = bridge.client();
     const cases: [Record<string, unknown>, string][] = [
@@ -685,7 +684,7 @@ test("http: OpenAI fields Dify cannot honour are 400s naming them; safety_identi
   });
 });
 
-test("http: audio through the official openai SDK — transcriptions and speech", async () => {
+Deno.test("http: audio through the official openai SDK — transcriptions and speech", async () => {
   await withBridge({ DIFY_APPS: APPS }, async ({ dify, bridge }) => {
     const client = bridge.client();
     const expected = JSON.parse(new TextDecoder().decode(await readFixture("audio_to_text.json"))).text;
@@ -730,7 +729,7 @@ test("http: audio through the official openai SDK — transcriptions and speech"
   });
 });
 
-test("http: audio routes share the chat's keys, body limit and error mapping", async () => {
+Deno.test("http: audio routes share the chat's keys, body limit and error mapping", async () => {
   await withBridge(
     { DIFY_APPS: APPS, PROXY_API_KEYS: "sk-good", MAX_BODY_BYTES: "2000" },
     async ({ dify, bridge }) => {
@@ -771,7 +770,7 @@ test("http: audio routes share the chat's keys, body limit and error mapping", a
   );
 });
 
-test("http: DELETE /v1/conversations/{user}?dify=true also deletes the conversation at Dify, same user", async () => {
+Deno.test("http: DELETE /v1/conversations/{user}?dify=true also deletes the conversation at Dify, same user", async () => {
   await withBridge({ CONVERSATION_MODE: "user" }, async ({ dify, bridge }) => {
     const client = bridge.client();
     const ask = (who: string) =>
@@ -818,7 +817,7 @@ test("http: DELETE /v1/conversations/{user}?dify=true also deletes the conversat
   });
 });
 
-test("http: deleting a stored response with ?dify=true also deletes its conversation at Dify", async () => {
+Deno.test("http: deleting a stored response with ?dify=true also deletes its conversation at Dify", async () => {
   await withBridge({}, async ({ dify, bridge }) => {
     const client = bridge.client();
     const auth = { authorization: "Bearer sk-test" };
@@ -840,7 +839,7 @@ test("http: deleting a stored response with ?dify=true also deletes its conversa
 // ─── Both runtimes ──────────────────────────────────────────────────────────────────────────────
 
 for (const runtime of ["deno", "bun"] as const) {
-  test(`runtime ${runtime}: reasoning chunks, a paused workflow, a required input and audio through the SDK`, async () => {
+  Deno.test(`runtime ${runtime}: reasoning chunks, a paused workflow, a required input and audio through the SDK`, async () => {
     if (runtime === "bun" && !bunAvailable()) return;
     const fake = await startFakeDify();
     const bridge = await startProcess(runtime, { DIFY_API_URL: fake.url, DIFY_APPS: APPS });

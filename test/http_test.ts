@@ -862,7 +862,8 @@ Deno.test("conversations: a turn sent the instant the previous stream ends conti
     // or turn 2's mapping is never stored and a later turn starts over.
     ["each chat's first write 300 ms late", (n) => n % 1000 === 0 ? 300 : 0],
   ];
-  for (const [what, delay] of stores) {
+  // Each store behind its own bridge, side by side: their late writes are waits, not work.
+  await Promise.all(stores.map(async ([what, delay]) => {
     const kv = new DenoKvStore(await Deno.openKv(":memory:"));
     const slow = new SlowStore(kv, delay);
     const rig = await startRig({}, { store: slow });
@@ -881,7 +882,7 @@ Deno.test("conversations: a turn sent the instant the previous stream ends conti
     } finally {
       await rig.close();
     }
-  }
+  }));
 });
 
 Deno.test("conversations: DELETE right after an answer is not undone by that answer's late mapping write", async () => {
@@ -1901,30 +1902,29 @@ Deno.test("disconnects: keepalive comments fill Dify's silences and Dify's pings
 Deno.test("disconnects: UPSTREAM_TIMEOUT_SECONDS gives a 504 before headers; UPSTREAM_IDLE_SECONDS an error frame after", async () => {
   const env = await startRig({ UPSTREAM_TIMEOUT_SECONDS: "0.3", UPSTREAM_IDLE_SECONDS: "0.3" });
   try {
-    for (const stream of [true, false]) {
-      const r = await rawChat(env.bridge.url, {
-        model: "dify",
-        messages: [user("slow start fault:first_byte:5000")],
-        stream,
-      });
-      assert.equal(r.status, 504, `stream=${stream}: ${r.text}`);
+    // Side by side: each waits out a limit.
+    const [starts, , idle, plain] = await Promise.all([
+      Promise.all(
+        [true, false].map((stream) =>
+          rawChat(env.bridge.url, { model: "dify", messages: [user("slow start fault:first_byte:5000")], stream })
+        ),
+      ),
+      assert.rejects(
+        streamText(env.client, { model: "dify", messages: [user("fault:first_byte:5000")] }),
+        (e: unknown) => e instanceof OpenAI.APIError && e.status === 504,
+      ),
+      rawChat(env.bridge.url, { model: "dify", messages: [user("stall fault:idle:5000")], stream: true }),
+      rawChat(env.bridge.url, { model: "dify", messages: [user("stall fault:idle:5000")] }),
+    ]);
+    for (const [i, r] of starts.entries()) {
+      assert.equal(r.status, 504, `stream=${i === 0}: ${r.text}`);
       assert.equal(errorBody(r.text).code, "upstream_timeout");
     }
-    await assert.rejects(
-      streamText(env.client, { model: "dify", messages: [user("fault:first_byte:5000")] }),
-      (e: unknown) => e instanceof OpenAI.APIError && e.status === 504,
-    );
-    const idle = await rawChat(env.bridge.url, {
-      model: "dify",
-      messages: [user("stall fault:idle:5000")],
-      stream: true,
-    });
     assert.equal(idle.status, 200);
     const read = readSse(idle.text);
     assert.ok(read.content.length > 0, "content before the silence");
     assert.equal(read.last.error?.code, "upstream_idle_timeout");
     assert.ok(!read.done, "the stream ends with the error, not [DONE]");
-    const plain = await rawChat(env.bridge.url, { model: "dify", messages: [user("stall fault:idle:5000")] });
     assert.equal(plain.status, 504);
     assert.equal(errorBody(plain.text).code, "upstream_idle_timeout");
   } finally {
@@ -2098,7 +2098,8 @@ Deno.test("openclaw: tools, tool_choice, assistant tool_calls and tool messages 
       model: "dify",
       messages: messages.slice(0, 4),
       tools,
-      tool_choice: { type: "function", function: { name: "get_weather" } },
+      // A named function would be a 400 here (TOOLS=ignore): test/tools_test.ts.
+      tool_choice: "auto",
     });
     assert.ok(s.content.length > 0);
     assert.match(env.fake.lastBody("/chat-messages").query, /18°C and sunny/);
@@ -2249,15 +2250,20 @@ Deno.test(
   "dify faults: every failure is a clear status or error frame the SDK raises, streaming and not",
   async () => {
     await withBridge(
-      // Generous: under load the fake takes a while to start a 5 MB line, which must not count as silence.
-      { UPSTREAM_TIMEOUT_SECONDS: "1.5", UPSTREAM_IDLE_SECONDS: "1" },
+      // Generous: under load the fake takes a while to start a 5 MB line, which must not count as silence,
+      // and forty answers side by side in one process can keep a plain error waiting past a second.
+      { UPSTREAM_TIMEOUT_SECONDS: "3", UPSTREAM_IDLE_SECONDS: "2" },
       async ({ bridge }) => {
         const client = bridge.client();
         // Side by side: the timeouts among them take seconds each.
         await Promise.all(DIFY_FAULTS.flatMap((f) =>
           [true, false].map(async (stream) => {
             const what = `${f.query} stream=${stream}`;
-            const got = await sdkOutcome(client, { model: "dify", stream, messages: [user(f.query)] });
+            // The SDK's view and the raw view of the same fault, also side by side.
+            const [got, raw] = await Promise.all([
+              sdkOutcome(client, { model: "dify", stream, messages: [user(f.query)] }),
+              f.answer ? undefined : rawChat(bridge.url, { model: "dify", stream, messages: [user(f.query)] }),
+            ]);
             if (f.answer) {
               assert.equal(got.error, undefined, `${what}: ${got.error}`);
               f.answer(got.content);
@@ -2277,7 +2283,7 @@ Deno.test(
             }
             // The raw view of the same: an OpenAI-shaped body, a Retry-After where asked; a stream that
             // ends with the error frame and no [DONE].
-            const raw = await rawChat(bridge.url, { model: "dify", stream, messages: [user(f.query)] });
+            if (!raw) return assert.fail(what);
             if (expected) {
               assert.equal(raw.status, expected, what);
               errorBody(raw.text, what);
@@ -2577,4 +2583,26 @@ Deno.test("security: the server fetches no URL a client supplies (images, files,
   } finally {
     await target.shutdown();
   }
+});
+
+Deno.test("limits: BODY_TIMEOUT_SECONDS=0 means no limit: a body that pauses past the watchdog's tick is read", async () => {
+  // KEEPALIVE_SECONDS=0.4 makes the watchdog tick every 100 ms: the pause below spans several ticks.
+  await withBridge({ BODY_TIMEOUT_SECONDS: "0", KEEPALIVE_SECONDS: "0.4" }, async ({ bridge }) => {
+    const bytes = new TextEncoder().encode(JSON.stringify({ model: "dify", messages: [user("slow but sure")] }));
+    const res = await fetch(`${bridge.url}/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: "Bearer sk" },
+      body: new ReadableStream<Uint8Array>({
+        async start(c) {
+          c.enqueue(bytes.subarray(0, 10));
+          await new Promise((r) => setTimeout(r, 500));
+          c.enqueue(bytes.subarray(10));
+          c.close();
+        },
+      }),
+      duplex: "half",
+    } as RequestInit);
+    const text = await res.text();
+    assert.equal(res.status, 200, text);
+  });
 });

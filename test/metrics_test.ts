@@ -12,7 +12,6 @@ import {
   startBridge,
   startProcess,
   startRig,
-  test,
   user,
 } from "../bench/test_util.ts";
 
@@ -52,7 +51,7 @@ function total(f: Family | undefined): number {
   return (f?.metrics ?? []).reduce((sum, m) => sum + Number(m.value ?? m.count ?? 0), 0);
 }
 
-test("metrics: requests, answers, latency histograms, tokens, store writes and conversations", async () => {
+Deno.test("metrics: requests, answers, latency histograms, tokens, store writes and conversations", async () => {
   const metrics = metricsFor(loadConfig({ DIFY_API_URL: "http://127.0.0.1:1/v1", DIFY_API_KEY: "app-chat" }));
   const rig = await startRig({}, { metrics });
   try {
@@ -112,7 +111,7 @@ test("metrics: requests, answers, latency histograms, tokens, store writes and c
   }
 });
 
-test("metrics: an open stream is counted while it streams", async () => {
+Deno.test("metrics: an open stream is counted while it streams", async () => {
   const metrics = new Metrics();
   const rig = await startRig({}, { metrics });
   try {
@@ -131,7 +130,7 @@ test("metrics: an open stream is counted while it streams", async () => {
   }
 });
 
-test("metrics: failed store writes are counted", async () => {
+Deno.test("metrics: failed store writes are counted", async () => {
   const metrics = new Metrics();
   const fake = await startFakeDify();
   const bridge = await startBridge({ DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat" }, {
@@ -153,7 +152,7 @@ test("metrics: failed store writes are counted", async () => {
   }
 });
 
-test("metrics: behind PROXY_API_KEYS, or only METRICS_KEY when it is set", async () => {
+Deno.test("metrics: behind PROXY_API_KEYS, or only METRICS_KEY when it is set", async () => {
   const rig = await startRig({ PROXY_API_KEYS: "sk-a" }, { metrics: new Metrics() });
   try {
     assert.equal((await scrape(rig.bridge.url)).status, 401);
@@ -179,7 +178,7 @@ test("metrics: behind PROXY_API_KEYS, or only METRICS_KEY when it is set", async
   }
 });
 
-test("metrics: label values are escaped, and a client cannot grow the series without bound", () => {
+Deno.test("metrics: label values are escaped, and a client cannot grow the series without bound", () => {
   const metrics = new Metrics();
   const odd = 'we"ird\\name\nwith a line feed';
   const t = newTranslation("chat", true);
@@ -194,7 +193,7 @@ test("metrics: label values are escaped, and a client cannot grow the series wit
   assert.equal(value(answers, { model: "other" }), 1501 - 1000);
 });
 
-test("metrics: routes are templates, never the client's paths", () => {
+Deno.test("metrics: routes are templates, never the client's paths", () => {
   assert.equal(routeLabel("/v1/chat/completions/"), "/v1/chat/completions");
   assert.equal(routeLabel("/chat/completions"), "/v1/chat/completions");
   assert.equal(routeLabel("/v1/responses/resp_123"), "/v1/responses/{id}");
@@ -205,7 +204,7 @@ test("metrics: routes are templates, never the client's paths", () => {
 });
 
 for (const runtime of ["deno", "bun"] as const) {
-  test(`metrics: main() serves /metrics on ${runtime}`, async () => {
+  Deno.test(`metrics: main() serves /metrics on ${runtime}`, async () => {
     if (runtime === "bun" && !bunAvailable()) return;
     const fake = await startFakeDify();
     const proc = await startProcess(runtime, { DIFY_API_URL: fake.url, DIFY_API_KEY: "app-chat" });

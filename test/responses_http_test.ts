@@ -13,7 +13,6 @@ import {
   type ProcessBridge,
   startProcess,
   startRig,
-  test,
   turnOf,
   withBridge,
 } from "../bench/test_util.ts";
@@ -46,7 +45,7 @@ async function postResponses(url: string, body: unknown, headers: Record<string,
   return { status: res.status, headers: res.headers, text: await res.text() };
 }
 
-test("responses http: responses.create, not streamed — a response object with the answer and usage", async () => {
+Deno.test("responses http: responses.create, not streamed — a response object with the answer and usage", async () => {
   await withBridge({}, async ({ dify, bridge }) => {
     const r = await bridge.client().responses.create({ model: "dify", input: "hello there" });
     assert.match(r.id, /^resp_[0-9a-f]{32}$/);
@@ -63,7 +62,7 @@ test("responses http: responses.create, not streamed — a response object with 
   });
 });
 
-test("responses http: responses.stream and create({stream: true}) — the documented events, answer intact", async () => {
+Deno.test("responses http: responses.stream and create({stream: true}) — the documented events, answer intact", async () => {
   await withBridge({}, async ({ bridge }) => {
     const client = bridge.client();
     const stream = client.responses.stream({ model: "dify", input: "stream me" });
@@ -96,7 +95,7 @@ test("responses http: responses.stream and create({stream: true}) — the docume
   });
 });
 
-test("responses http: a 3-turn chain by previous_response_id sends Dify only the new input", async () => {
+Deno.test("responses http: a 3-turn chain by previous_response_id sends Dify only the new input", async () => {
   await withBridge({}, async ({ dify, bridge }) => {
     const client = bridge.client();
     const r1 = await client.responses.create({ model: "dify", instructions: "Be kind.", input: "one" });
@@ -120,7 +119,7 @@ test("responses http: a 3-turn chain by previous_response_id sends Dify only the
   });
 });
 
-test("responses http: a 3-turn chain by full-history resend, echoing the bridge's message and reasoning items", async () => {
+Deno.test("responses http: a 3-turn chain by full-history resend, echoing the bridge's message and reasoning items", async () => {
   await withBridge({}, async ({ dify, bridge }) => {
     const client = bridge.client();
     // The Agents SDK's session mode: the whole history, with the output items as the server sent them.
@@ -141,7 +140,7 @@ test("responses http: a 3-turn chain by full-history resend, echoing the bridge'
   });
 });
 
-test("responses http: session headers name the chat; x-client-request-id never splits it", async () => {
+Deno.test("responses http: session headers name the chat; x-client-request-id never splits it", async () => {
   await withBridge({}, async ({ dify, bridge }) => {
     const client = bridge.client();
     const turn = (input: string, headers: Record<string, string>) =>
@@ -176,7 +175,7 @@ test("responses http: session headers name the chat; x-client-request-id never s
   });
 });
 
-test("responses http: another client's response id is a 404, like an unknown one; GET and DELETE are scoped", async () => {
+Deno.test("responses http: another client's response id is a 404, like an unknown one; GET and DELETE are scoped", async () => {
   const rig = await startRig({ PROXY_API_KEYS: "key-one,key-two" });
   try {
     const one = rig.bridge.client("key-one");
@@ -209,7 +208,7 @@ test("responses http: another client's response id is a 404, like an unknown one
   }
 });
 
-test("responses http: a response too large to keep for GET still continues by previous_response_id", async () => {
+Deno.test("responses http: a response too large to keep for GET still continues by previous_response_id", async () => {
   await withBridge({}, async ({ bridge }) => {
     const client = bridge.client();
     // The echoed tools make this response object larger than one store value.
@@ -229,7 +228,7 @@ test("responses http: a response too large to keep for GET still continues by pr
   });
 });
 
-test("responses http: errors — before output an HTTP status, after it response.failed whose code says retry or not", async () => {
+Deno.test("responses http: errors — before output an HTTP status, after it response.failed whose code says retry or not", async () => {
   await withBridge({}, async ({ bridge }) => {
     const client = bridge.client();
     await assert.rejects(
@@ -262,7 +261,7 @@ test("responses http: errors — before output an HTTP status, after it response
   });
 });
 
-test("responses http: agent thoughts are reasoning items before the answer (REASONING on), none when off", async () => {
+Deno.test("responses http: agent thoughts are reasoning items before the answer (REASONING on), none when off", async () => {
   for (const reasoning of ["reasoning_content", "off"]) {
     await withBridge({ DIFY_API_KEY: "app-agent", REASONING: reasoning }, async ({ bridge }) => {
       const client = bridge.client();
@@ -285,7 +284,7 @@ test("responses http: agent thoughts are reasoning items before the answer (REAS
   }
 });
 
-test("responses http: images and files reach Dify; workflow and completion apps answer too", async () => {
+Deno.test("responses http: images and files reach Dify; workflow and completion apps answer too", async () => {
   await withBridge({}, async ({ dify, bridge }) => {
     const png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
     const r = await bridge.client().responses.create({
@@ -316,7 +315,7 @@ test("responses http: images and files reach Dify; workflow and completion apps 
   }
 });
 
-test("responses http: GET on /v1/responses is not a route; POST to an id is 405", async () => {
+Deno.test("responses http: GET on /v1/responses is not a route; POST to an id is 405", async () => {
   await withBridge({}, async ({ bridge }) => {
     const res = await fetch(`${bridge.url}/responses/resp_1`, {
       method: "POST",
@@ -377,7 +376,7 @@ async function codexTurns(url: string, fake: FakeDify) {
   assert.equal(turnOf(text2).n, 2);
 }
 
-test("responses http: the Codex CLI's requests (developer items, environment context, 9 tools, store: false)", async () => {
+Deno.test("responses http: the Codex CLI's requests (developer items, environment context, 9 tools, store: false)", async () => {
   await withBridge({}, async ({ dify, bridge }) => {
     await codexTurns(bridge.url, dify);
   });
@@ -393,7 +392,7 @@ test("responses http: the Codex CLI's requests (developer items, environment con
   });
 });
 
-test("responses http: the Agents SDK's session mode (echoed reasoning and message items, no session id)", async () => {
+Deno.test("responses http: the Agents SDK's session mode (echoed reasoning and message items, no session id)", async () => {
   await withBridge({ DIFY_API_KEY: "app-agent" }, async ({ dify, bridge }) => {
     const conversations: string[] = [];
     for (const name of ["agents-session-turn1.json", "agents-session-turn2.json"]) {
@@ -412,7 +411,7 @@ test("responses http: the Agents SDK's session mode (echoed reasoning and messag
   });
 });
 
-test("responses http: OpenClaw's openai-responses requests (envelope, internal context, no session id)", async () => {
+Deno.test("responses http: OpenClaw's openai-responses requests (envelope, internal context, no session id)", async () => {
   await withBridge({ SYSTEM_PROMPT: "drop" }, async ({ dify, bridge }) => {
     const [one, two] = await replay(bridge.url, ["openclaw-turn1.json", "openclaw-turn2.json"]);
     assert.deepEqual(queries(dify), ["hi there", "second message"]);
@@ -421,7 +420,7 @@ test("responses http: OpenClaw's openai-responses requests (envelope, internal c
 });
 
 for (const runtime of ["deno", "bun"] as const) {
-  test(`responses http: ${runtime} main.ts serves the Codex turns and the SDK's chain`, async () => {
+  Deno.test(`responses http: ${runtime} main.ts serves the Codex turns and the SDK's chain`, async () => {
     if (runtime === "bun" && !bunAvailable()) return;
     const rig = await startRig();
     let proc: ProcessBridge | undefined;
@@ -459,7 +458,7 @@ async function codexExec(bin: string, home: string, cwd: string, args: string[])
   return [thread, ...messages];
 }
 
-test("responses http: the real Codex CLI, 3 turns of codex exec / exec resume (opt-in: CODEX_BIN)", async () => {
+Deno.test("responses http: the real Codex CLI, 3 turns of codex exec / exec resume (opt-in: CODEX_BIN)", async () => {
   const bin = Deno.env.get("CODEX_BIN");
   if (!bin) return;
   const rig = await startRig({ PROXY_API_KEYS: "your-proxy-key", SYSTEM_PROMPT: "drop" });

@@ -16,7 +16,6 @@ import {
   ResponsesFormat,
   type Translation,
 } from "../main.ts";
-import { test } from "../bench/test_util.ts";
 
 const LIMITS = { maxMessages: 100, maxParts: 10 };
 
@@ -35,7 +34,7 @@ function refused(body: Record<string, unknown>, param: string) {
 
 const text = (t: string) => [{ type: "input_text", text: t }];
 
-test("responses parse: a string input is one user message, with OpenAI's defaults echoed", () => {
+Deno.test("responses parse: a string input is one user message, with OpenAI's defaults echoed", () => {
   const r = parse({ input: "hello" });
   assert.deepEqual(r.messages, [{ role: "user", text: "hello", files: [] }]);
   assert.equal(r.stream, false);
@@ -52,7 +51,7 @@ test("responses parse: a string input is one user message, with OpenAI's default
   assert.equal(r.echo.instructions, null);
 });
 
-test("responses parse: instructions and system/developer items are the system prompt", () => {
+Deno.test("responses parse: instructions and system/developer items are the system prompt", () => {
   const r = parse({
     instructions: "Be brief.",
     input: [
@@ -72,7 +71,7 @@ test("responses parse: instructions and system/developer items are the system pr
   assert.equal(turn.query, "hi");
 });
 
-test("responses parse: a Codex turn — environment context left out of the query, every tool accepted", () => {
+Deno.test("responses parse: a Codex turn — environment context left out of the query, every tool accepted", () => {
   const r = parse(
     {
       input: [
@@ -110,7 +109,7 @@ test("responses parse: a Codex turn — environment context left out of the quer
   assert.equal(r.sessionId, "thread-1");
 });
 
-test("responses parse: function calls and their output are text in the replayed history", () => {
+Deno.test("responses parse: function calls and their output are text in the replayed history", () => {
   const r = parse({
     input: [
       { role: "user", content: "weather?" },
@@ -129,7 +128,7 @@ test("responses parse: function calls and their output are text in the replayed 
   ]);
 });
 
-test("responses parse: echoed message and reasoning items fingerprint as the answer the bridge recorded", () => {
+Deno.test("responses parse: echoed message and reasoning items fingerprint as the answer the bridge recorded", () => {
   // What the bridge recorded after turn 1: history + current + the answer's text (t.content).
   const answer = "Part one. Part two.";
   const recorded = fingerprint("Rules.", [{ role: "user", text: "q1" }, { role: "assistant", text: answer }]);
@@ -163,7 +162,7 @@ test("responses parse: echoed message and reasoning items fingerprint as the ans
   assert.equal(turn.query, "q2");
 });
 
-test("responses parse: session ids from every header and field clients use; never x-client-request-id", () => {
+Deno.test("responses parse: session ids from every header and field clients use; never x-client-request-id", () => {
   const session = (headers: Record<string, string>, body: Record<string, unknown> = {}) =>
     parse({ input: "x", ...body }, headers).sessionId;
   assert.equal(session({ "x-session-id": "a" }), "a");
@@ -193,7 +192,7 @@ test("responses parse: session ids from every header and field clients use; neve
   assert.equal(chat.sessionId, "s1");
 });
 
-test("responses parse: user, safety_identifier, previous_response_id, store", () => {
+Deno.test("responses parse: user, safety_identifier, previous_response_id, store", () => {
   const r = parse({ input: "x", user: "u1", previous_response_id: "resp_abc", store: false });
   assert.equal(r.user, "u1");
   assert.equal(r.previousResponseId, "resp_abc");
@@ -202,7 +201,7 @@ test("responses parse: user, safety_identifier, previous_response_id, store", ()
   assert.equal(parse({ input: "x", user: "u1", safety_identifier: "s1" }).user, "s1");
 });
 
-test("responses parse: images and files in input parts", () => {
+Deno.test("responses parse: images and files in input parts", () => {
   const r = parse({
     input: [{
       role: "user",
@@ -219,10 +218,11 @@ test("responses parse: images and files in input parts", () => {
   assert.equal(r.messages[0].files[1].kind, "upload");
 });
 
-test("responses parse: what a client relies on and Dify cannot do is a 400 naming the field", () => {
+Deno.test("responses parse: what a client relies on and Dify cannot do is a 400 naming the field", () => {
   refused({ input: "x", background: true }, "background");
   refused({ input: "x", n: 2 }, "n");
-  refused({ input: "x", tool_choice: "required" }, "tool_choice");
+  // A forced call is the app's tool mode's business (test/tools_test.ts); a hosted tool is never the app's.
+  refused({ input: "x", tool_choice: { type: "web_search" } }, "tool_choice");
   refused({ input: "x", tool_choice: { type: "function", name: "f" } }, "tool_choice");
   refused({ input: "x", text: { format: { type: "json_schema", name: "s", schema: {} } } }, "text.format");
   refused({ input: "x", text: { format: { type: "json_object" } } }, "text.format");
@@ -329,7 +329,7 @@ async function sdkStream(body: string) {
   return { events, final: await stream.finalResponse() };
 }
 
-test("responses format: the documented event order, with increasing sequence numbers", async () => {
+Deno.test("responses format: the documented event order, with increasing sequence numbers", async () => {
   const { frames: f, text } = run([["content", "Hel"], ["content", "lo"]]);
   assert.deepEqual(f.map((x) => x.event), [
     "response.created",
@@ -362,7 +362,7 @@ test("responses format: the documented event order, with increasing sequence num
   assert.equal(final.status, "completed");
 });
 
-test("responses format: reasoning is its own item, closed before the answer; interleaved thoughts split items", async () => {
+Deno.test("responses format: reasoning is its own item, closed before the answer; interleaved thoughts split items", async () => {
   const { frames: f, text } = run([["reasoning", "think"], ["reasoning", "ing"], ["content", "A"], [
     "reasoning",
     "more",
@@ -387,14 +387,14 @@ test("responses format: reasoning is its own item, closed before the answer; int
   assert.deepEqual(next.messages.map((m) => [m.role, m.text]), [["user", "q"], ["assistant", "AB"], ["user", "q2"]]);
 });
 
-test("responses format: an empty answer is still a message item", async () => {
+Deno.test("responses format: an empty answer is still a message item", async () => {
   const { frames: f, text } = run([]);
   assert.deepEqual(f.map((x) => x.event), [...OPENED, ...messageEvents(0), "response.completed"]);
   const { final } = await sdkStream(text);
   assert.equal(final.output_text, "");
 });
 
-test("responses format: an error after output is response.failed, then error; its code tells retryable from final", () => {
+Deno.test("responses format: an error after output is response.failed, then error; its code tells retryable from final", () => {
   const cases: [ApiError, string][] = [
     [apiError("upstream_broken", "Dify's stream broke"), "server_error"],
     [apiError("upstream_idle_timeout", "Dify went quiet"), "server_error"],
@@ -419,7 +419,7 @@ test("responses format: an error after output is response.failed, then error; it
   }
 });
 
-test("responses format: object() is the whole response, every field the SDK types, reasoning first", () => {
+Deno.test("responses format: object() is the whole response, every field the SDK types, reasoning first", () => {
   const f = new ResponsesFormat("resp_xyz", 1700000000, "dify", ECHO, true);
   const o = f.object(translation("Answer", "Thought")) as Record<string, unknown>;
   for (

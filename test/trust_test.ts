@@ -5,11 +5,11 @@
 import assert from "node:assert/strict";
 import OpenAI from "openai";
 import { type FakeDify, startFakeDify } from "../bench/fake_dify.ts";
-import { bunAvailable, rawChat, sseData, startProcess, startRig, test, until, user } from "../bench/test_util.ts";
+import { bunAvailable, rawChat, sseData, startProcess, startRig, until, user } from "../bench/test_util.ts";
 
 // ─── Isolation ──────────────────────────────────────────────────────────────────────────────────
 
-test("isolation: another client key cannot read or continue a conversation by its id, by body or header", async () => {
+Deno.test("isolation: another client key cannot read or continue a conversation by its id, by body or header", async () => {
   const rig = await startRig({ PROXY_API_KEYS: "sk-one,sk-two" });
   try {
     const one = rig.bridge.client("sk-one");
@@ -46,7 +46,7 @@ test("isolation: another client key cannot read or continue a conversation by it
   }
 });
 
-test("isolation: in every conversation mode a conversation the bridge started is the starting client's alone", async () => {
+Deno.test("isolation: in every conversation mode a conversation the bridge started is the starting client's alone", async () => {
   for (const mode of ["user", "off"]) {
     const rig = await startRig({ PROXY_API_KEYS: "sk-one,sk-two", CONVERSATION_MODE: mode });
     try {
@@ -66,7 +66,7 @@ test("isolation: in every conversation mode a conversation the bridge started is
   }
 });
 
-test("isolation: with no PROXY_API_KEYS (one scope) an explicit id still reaches Dify, as documented", async () => {
+Deno.test("isolation: with no PROXY_API_KEYS (one scope) an explicit id still reaches Dify, as documented", async () => {
   const rig = await startRig();
   try {
     const first = await rig.bridge.client("sk-a").chat.completions.create({ model: "dify", messages: [user("a")] })
@@ -83,7 +83,7 @@ test("isolation: with no PROXY_API_KEYS (one scope) an explicit id still reaches
 
 // ─── Bounded answers ────────────────────────────────────────────────────────────────────────────
 
-test("bounds: past MAX_ANSWER_BYTES a stream ends with an error frame naming the limit, and Dify's task is stopped", async () => {
+Deno.test("bounds: past MAX_ANSWER_BYTES a stream ends with an error frame naming the limit, and Dify's task is stopped", async () => {
   const rig = await startRig({ MAX_ANSWER_BYTES: "100000" });
   try {
     const { status, text } = await rawChat(rig.bridge.url, {
@@ -109,23 +109,26 @@ test("bounds: past MAX_ANSWER_BYTES a stream ends with an error frame naming the
   }
 });
 
-test("bounds: an upstream that sends only pings ends with the idle error; ANSWER_TIMEOUT_SECONDS ends a slow answer", async () => {
+Deno.test("bounds: an upstream that sends only pings ends with the idle error; ANSWER_TIMEOUT_SECONDS ends a slow answer", async () => {
   const rig = await startRig({ UPSTREAM_IDLE_SECONDS: "0.5", KEEPALIVE_SECONDS: "0.2", ANSWER_TIMEOUT_SECONDS: "1.5" });
   try {
+    // The three wait out their limits side by side.
+    const [pings, quiet, slow] = await Promise.all([
+      rawChat(rig.bridge.url, { model: "dify", stream: true, messages: [user("fault:forever")] }),
+      rawChat(rig.bridge.url, { model: "dify", messages: [user("fault:forever")] }),
+      // Events every 0.3 s keep the idle timer happy; the answer deadline still ends it.
+      rawChat(rig.bridge.url, {
+        model: "dify",
+        stream: true,
+        messages: [user("fault:slow:300 " + "word ".repeat(40))],
+      }),
+    ]);
     // Dify's pings still reach the client as comments, but they do not count as Dify saying something.
-    const pings = await rawChat(rig.bridge.url, { model: "dify", stream: true, messages: [user("fault:forever")] });
     assert.equal(pings.status, 200);
     assert.match(pings.text, /^: (ping|keepalive)/m);
     assert.equal((sseData(pings.text).at(-1) as { error: { code: string } }).error.code, "upstream_idle_timeout");
-    const quiet = await rawChat(rig.bridge.url, { model: "dify", messages: [user("fault:forever")] });
     assert.equal(quiet.status, 504);
     assert.equal(JSON.parse(quiet.text).error.code, "upstream_idle_timeout");
-    // Events every 0.3 s keep the idle timer happy; the answer deadline still ends it.
-    const slow = await rawChat(rig.bridge.url, {
-      model: "dify",
-      stream: true,
-      messages: [user("fault:slow:300 " + "word ".repeat(40))],
-    });
     const last = sseData(slow.text).at(-1) as { error: { code: string; message: string } };
     assert.equal(last.error.code, "answer_timeout");
     assert.match(last.error.message, /ANSWER_TIMEOUT_SECONDS/);
@@ -156,7 +159,7 @@ async function rssMiB(pid: number): Promise<number> {
 
 async function healthMs(url: string): Promise<number> {
   const started = performance.now();
-  const res = await fetch(url.replace(/\/v1$/, "/healthz"), { signal: AbortSignal.timeout(5000) });
+  const res = await fetch(url.replace(/\/v1$/, "/healthz"), { signal: AbortSignal.timeout(10_000) });
   await res.body?.cancel();
   return performance.now() - started;
 }
@@ -166,14 +169,12 @@ for (const runtime of ["deno", "bun"] as const) {
     name:
       `backpressure (${runtime}): a client that stops reading stops the reading of Dify, and is dropped after UPSTREAM_IDLE_SECONDS`,
     ignore: runtime === "bun" && !bunAvailable(),
-    sanitizeOps: false,
-    sanitizeResources: false,
     async fn() {
       const dify = await startFakeDify();
       const proc = await startProcess(runtime, {
         DIFY_API_URL: dify.url,
         DIFY_API_KEY: "app-chat",
-        UPSTREAM_IDLE_SECONDS: "2",
+        UPSTREAM_IDLE_SECONDS: "1",
       });
       const conn = await stalledStream(proc.port, "fault:firehose:500000000");
       try {
@@ -203,8 +204,6 @@ for (const runtime of ["deno", "bun"] as const) {
   Deno.test({
     name: `backpressure (${runtime}): 20 clients that never read hold the bridge's memory to about a chunk each`,
     ignore: runtime === "bun" && !bunAvailable(),
-    sanitizeOps: false,
-    sanitizeResources: false,
     async fn() {
       const dify: FakeDify = await startFakeDify();
       const proc = await startProcess(runtime, { DIFY_API_URL: dify.url, DIFY_API_KEY: "app-chat" });
@@ -229,7 +228,9 @@ for (const runtime of ["deno", "bun"] as const) {
         assert.ok(read < 20 * 32_000_000, `read ${read} bytes of 20 GB`);
         const grown = await rssMiB(proc.process.pid) - before;
         assert.ok(grown < 100, `RSS grew by ${grown.toFixed(0)} MiB for 20 stalled streams`);
-        assert.ok(await healthMs(proc.url) < 1000, "/healthz answers while the streams stall");
+        // A bridge the stalled streams blocked would not answer at all; a loaded machine can take seconds.
+        const ms = await healthMs(proc.url);
+        assert.ok(ms < 5000, `/healthz answers while the streams stall (in ${ms.toFixed(0)} ms)`);
       } finally {
         for (const conn of conns) conn.close();
         await proc.stop();

@@ -12,6 +12,7 @@
 //   --latency-seconds S  seconds per row per latency round at c=1 (default 2)
 //   --rows a,b,...     a subset of the rows (default: all; see ROWS)
 //   --main FILE        the main.ts to run and to take the rungs' pieces from (default main.ts)
+//   --before FILE      also run this older main.ts (default and CONVERSATION_MODE=off rows): before/after in one run
 //   --events N         message events per answer (default 20)
 //   --markdown FILE    also write the table to FILE
 // Load: wrk (apt-get install wrk) when installed, else bench/load.ts (which costs more CPU per request).
@@ -27,12 +28,16 @@ const DENO = Deno.execPath();
 interface Row {
   key: string;
   label: string;
-  /** "openai": an OpenAI chat request; "dify": Dify's own request (the pass-throughs). */
-  kind: "openai" | "dify";
+  /** "openai": an OpenAI chat request; "responses": a Responses request; "dify": Dify's own (the pass-throughs). */
+  kind: "openai" | "responses" | "dify";
   /** What the answer is: Dify's events copied, or OpenAI chunks (default: as `kind`). */
   answers?: "openai" | "dify";
+  /** The request body, when it is not the kind's (`BODIES`). */
+  body?: string;
   /** Scrape its `GET /metrics` once a second while it is under load. */
   scrape?: boolean;
+  /** Runs `--before`'s main.ts: only when one is given. */
+  before?: boolean;
   cmd: (o: Options) => string[];
   env?: (o: Options, dir: string, key: string) => Record<string, string>;
 }
@@ -43,6 +48,8 @@ export interface Options {
   latencySeconds: number;
   rows?: string[];
   main: string;
+  /** An older main.ts to run beside `main` (rows `main-before`, `main-off-before`). */
+  before?: string;
   events: number;
   markdown?: string;
 }
@@ -57,6 +64,7 @@ function parseOptions(args: string[]): Options {
     else if (flag === "--latency-seconds") o.latencySeconds = Number(value());
     else if (flag === "--rows") o.rows = value().split(",").map((s) => s.trim()).filter(Boolean);
     else if (flag === "--main") o.main = value();
+    else if (flag === "--before") o.before = value();
     else if (flag === "--events") o.events = Number(value());
     else if (flag === "--markdown") o.markdown = value();
     else throw new Error(`unknown argument ${flag}`);
@@ -120,6 +128,21 @@ export const ROWS: Row[] = [
     env: proxyEnv("history"),
   },
   {
+    key: "responses",
+    label: "main.ts on Deno, POST /v1/responses",
+    kind: "responses",
+    cmd: (o) => [DENO, "run", "-A", "--unstable-kv", o.main],
+    env: proxyEnv("history"),
+  },
+  {
+    key: "responses-nostore",
+    label: "main.ts on Deno, POST /v1/responses, store: false",
+    kind: "responses",
+    body: JSON.stringify({ model: "dify", stream: true, store: false, input: "hi" }),
+    cmd: (o) => [DENO, "run", "-A", "--unstable-kv", o.main],
+    env: proxyEnv("history"),
+  },
+  {
     key: "main-scraped",
     label: "main.ts on Deno, /metrics scraped every second",
     kind: "openai",
@@ -139,6 +162,30 @@ export const ROWS: Row[] = [
     label: "main.ts on Deno, CONVERSATION_MODE=off",
     kind: "openai",
     cmd: (o) => [DENO, "run", "-A", "--unstable-kv", o.main],
+    env: proxyEnv("off"),
+  },
+  {
+    key: "main-before",
+    label: "main.ts before (--before) on Deno",
+    kind: "openai",
+    before: true,
+    cmd: (o) => [DENO, "run", "-A", "--unstable-kv", o.before!],
+    env: proxyEnv("history"),
+  },
+  {
+    key: "responses-before",
+    label: "main.ts before (--before) on Deno, POST /v1/responses",
+    kind: "responses",
+    before: true,
+    cmd: (o) => [DENO, "run", "-A", "--unstable-kv", o.before!],
+    env: proxyEnv("history"),
+  },
+  {
+    key: "main-off-before",
+    label: "main.ts before (--before) on Deno, CONVERSATION_MODE=off",
+    kind: "openai",
+    before: true,
+    cmd: (o) => [DENO, "run", "-A", "--unstable-kv", o.before!],
     env: proxyEnv("off"),
   },
   {
@@ -221,6 +268,24 @@ const DIFY_BODY = JSON.stringify({
   user: "bench",
   conversation_id: "",
 });
+/** The same question on each route: a Responses row and the chat row get the same answer from Dify. */
+const BODIES: Record<Row["kind"], string> = {
+  openai: OPENAI_BODY,
+  responses: JSON.stringify({ model: "dify", stream: true, input: "hi" }),
+  dify: DIFY_BODY,
+};
+const PATHS: Record<Row["kind"], string> = {
+  openai: "/v1/chat/completions",
+  responses: "/v1/responses",
+  dify: "/v1/chat-messages",
+};
+const bodyOf = (row: Row) => row.body ?? BODIES[row.kind];
+/** Rows compared with another row of the same run, round by round, under the table. */
+const PAIRS: [string, string][] = [
+  ["responses", "main"],
+  ["responses-nostore", "main"],
+  ["responses-before", "main-before"],
+];
 
 interface Run {
   requests: number;
@@ -233,7 +298,7 @@ const hasWrk = await new Deno.Command("sh", { args: ["-c", "command -v wrk"], st
   .output().then((o) => o.success, () => false);
 
 function wrkScript(row: Row, dir: string): string {
-  const body = row.kind === "openai" ? OPENAI_BODY : DIFY_BODY;
+  const body = bodyOf(row);
   const file = `${dir}/${row.key}.lua`;
   Deno.writeTextFileSync(
     file,
@@ -273,7 +338,7 @@ async function load(s: Server, concurrency: number, seconds: number): Promise<Ru
       "--url",
       s.url,
       "--body",
-      s.row.kind === "openai" ? OPENAI_BODY : DIFY_BODY,
+      bodyOf(s.row),
       "--header",
       "authorization: Bearer app-bench",
       "--concurrency",
@@ -301,10 +366,16 @@ async function validate(s: Server, events: number): Promise<string | undefined> 
   const r = await fetch(s.url, {
     method: "POST",
     headers: { "content-type": "application/json", authorization: "Bearer app-bench" },
-    body: s.row.kind === "openai" ? OPENAI_BODY : DIFY_BODY,
+    body: bodyOf(s.row),
   });
   const text = await r.text();
   if (r.status !== 200) return `HTTP ${r.status}: ${text.slice(0, 200)}`;
+  if (s.row.kind === "responses") {
+    const n = text.split('"delta":" word"').length - 1;
+    if (n !== events) return `${n} output_text deltas, expected ${events}`;
+    if (!text.includes("event: response.completed\n")) return "no response.completed event";
+    return;
+  }
   const openai = (s.row.answers ?? s.row.kind) === "openai";
   const n = text.split(openai ? '"content":" word"' : '"event":"message"').length - 1;
   if (n !== events) return `${n} content events, expected ${events}`;
@@ -335,7 +406,8 @@ const fmt = (x: number, digits = 0) =>
     : "—";
 
 export async function ladder(o: Options): Promise<string> {
-  const rows = o.rows ? o.rows.map((k) => ROWS.find((r) => r.key === k) ?? fail(`unknown row ${k}`)) : ROWS;
+  const rows = (o.rows ? o.rows.map((k) => ROWS.find((r) => r.key === k) ?? fail(`unknown row ${k}`)) : ROWS)
+    .filter((r) => !r.before || o.before);
   const dir = await Deno.makeTempDir({ prefix: "dify-ladder-" });
   try {
     const difyPort = freePort();
@@ -366,8 +438,14 @@ export async function ladder(o: Options): Promise<string> {
         ...row.env?.(o, dir, row.key),
       }, log);
       await waitReady(`http://127.0.0.1:${port}/healthz`, log);
-      const path = row.kind === "openai" ? "/v1/chat/completions" : "/v1/chat-messages";
-      servers.push({ row, child, port, url: `http://127.0.0.1:${port}${path}`, script: wrkScript(row, dir), log });
+      servers.push({
+        row,
+        child,
+        port,
+        url: `http://127.0.0.1:${port}${PATHS[row.kind]}`,
+        script: wrkScript(row, dir),
+        log,
+      });
     }
     const tally = new Map<Server, Tally>(
       servers.map((s) => [s, { requests: 0, seconds: 0, cpuMs: 0, rps: [], cpuUs: [], p50s: [], errors: 0 }]),
@@ -417,6 +495,18 @@ export async function ladder(o: Options): Promise<string> {
           `${fmt(p50 - baseP50 * 1000)} | ${fmt(median(t.cpuUs))} | ${
             fmt(median(t.cpuUs.map((x, i) => x / base.cpuUs[i])), 2)
           } |`,
+      );
+    }
+    const pairs = PAIRS.map(([a, b]) => [servers.find((s) => s.row.key === a), servers.find((s) => s.row.key === b)]);
+    for (const [a, b] of pairs) {
+      if (!a || !b) continue;
+      const [ta, tb] = [tally.get(a)!, tally.get(b)!];
+      L.push(
+        "",
+        `${a.row.label} / ${b.row.label}, round by round (medians): CPU per request ` +
+          `${fmt(median(ta.cpuUs.map((x, i) => x / tb.cpuUs[i])), 2)}×, req/s ` +
+          `${fmt(median(ta.rps.map((x, i) => x / tb.rps[i])), 2)}×, p50 (c=1) ` +
+          `${fmt(median(ta.p50s.map((x, i) => x / tb.p50s[i])), 2)}×`,
       );
     }
     return L.join("\n");
