@@ -33,6 +33,8 @@ import { createHash } from "node:crypto";
 export type AppType = "chat" | "agent" | "chatflow" | "workflow" | "completion";
 const APP_TYPES: readonly AppType[] = ["chat", "agent", "chatflow", "workflow", "completion"];
 
+/** `ignore`: tools are not offered to the app; `emulate`: offered in the `<tool_call>` format; `reject`: a 400. */
+type ToolMode = "ignore" | "emulate" | "reject";
 /** One Dify app, served as one OpenAI model id. */
 export interface AppConfig {
   model: string;
@@ -54,8 +56,6 @@ export interface AppConfig {
   tools?: ToolMode;
 }
 
-/** `ignore`: tools are not offered to the app; `emulate`: offered in the `<tool_call>` format; `reject`: a 400. */
-export type ToolMode = "ignore" | "emulate" | "reject";
 const TOOL_MODES: readonly ToolMode[] = ["ignore", "emulate", "reject"];
 
 export interface Config {
@@ -353,6 +353,14 @@ type InputFile =
   | { kind: "remote"; url: string; type: DifyFileType }
   | { kind: "upload"; bytes: Uint8Array; filename: string; mime: string; type: DifyFileType };
 
+/** One call of a client's function: the assistant's in the history, or one the bridge found in an answer. */
+export interface ToolCall {
+  id: string;
+  name: string;
+  /** The arguments as a JSON text, as OpenAI sends them. */
+  arguments: string;
+}
+
 /** One OpenAI message reduced to what the bridge uses: role, text, and attachments. */
 export interface Message {
   role: "system" | "user" | "assistant" | "tool";
@@ -365,18 +373,10 @@ export interface Message {
 }
 
 /** A function the client offers in `tools`, as the Dify app is told of it. */
-export interface ToolSpec {
+interface ToolSpec {
   name: string;
   description?: string;
   parameters?: unknown;
-}
-
-/** One call of a client's function: the assistant's in the history, or one the bridge found in an answer. */
-export interface ToolCall {
-  id: string;
-  name: string;
-  /** The arguments as a JSON text, as OpenAI sends them. */
-  arguments: string;
 }
 
 /** The request's tools: the functions, whether the answer must call one, and whether it may call several. */
@@ -1336,6 +1336,11 @@ function toolBlock(tools: ToolSpec[]): string {
   return TOOL_BLOCK.replace("{tools}", () => lines.join("\n"));
 }
 
+/** SHA-256 of a text's UTF-8 bytes: node:crypto's, built into Deno (also on Deploy) and Bun, and synchronous. */
+function sha256(text: string): Buffer {
+  return createHash("sha256").update(text).digest();
+}
+
 /** A stable id of a tool set: the conversation records it, and the block is sent again only when it changes. */
 function toolSetHash(tools: ToolSpec[]): string {
   return createHash("sha256").update(JSON.stringify(tools)).digest("base64").slice(0, 22);
@@ -1398,11 +1403,6 @@ export function fingerprintText(text: string): string {
     fingerprintChars += text.length;
   }
   return normal;
-}
-
-/** SHA-256 of a text's UTF-8 bytes: node:crypto's, built into Deno (also on Deploy) and Bun, and synchronous. */
-function sha256(text: string): Buffer {
-  return createHash("sha256").update(text).digest();
 }
 
 /**
@@ -1733,11 +1733,17 @@ function claimMs(config: Config): number {
   return (config.answerTimeoutMs || config.upstreamTimeoutMs + config.upstreamIdleMs) + config.shutdownGraceMs;
 }
 
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+}
+
 /**
  * A complete response as kept for `GET /v1/responses/{id}`: only what differs between responses. Its JSON
  * is mostly the same settings and fields every time, and a store value costs by its bytes.
  */
-export interface KeptResponse {
+interface KeptResponse {
   /** `created_at` and `completed_at`. */
   a: number;
   z: number;
@@ -2423,104 +2429,7 @@ export async function deleteDifyConversation(
 // Dify's events in, OpenAI's content and reasoning out. The state machine is shared by streaming
 // and aggregated responses; a sink decides what to do with each delta.
 
-export interface Usage {
-  prompt_tokens: number;
-  completion_tokens: number;
-  total_tokens: number;
-}
-
-/** Where translated deltas go: SSE chunks for a stream, nothing extra for an aggregate. */
-export interface Sink {
-  content(text: string): void;
-  reasoning(text: string): void;
-  ping(): void;
-  /** A complete call of one of the client's functions (TOOLS=emulate). */
-  toolCall?(call: ToolCall): void;
-}
-
-/** A form a paused workflow waits on: where it is and what it asks. */
-interface HumanForm {
-  node: string;
-  title: string;
-  content: string;
-  actions: string[];
-}
-
-/** Everything known about one answer while Dify streams it. */
-export interface Translation {
-  type: AppType;
-  stream: boolean;
-  /**
-   * Exactly the content the client has been sent (or will get, when aggregated) — or, when `keep`
-   * is false, only its last characters: a streamed answer is not held in memory.
-   */
-  content: string;
-  reasoning: string;
-  /** Whole texts are kept (an aggregate, a format that repeats them at the end, LOG_CONTENT). */
-  keep: boolean;
-  /** Also receives every piece of content (the streamed answer's fingerprint). */
-  tap?: (text: string) => void;
-  /** UTF-8 bytes of content and reasoning so far, against MAX_ANSWER_BYTES. */
-  bytes: number;
-  usage?: Usage;
-  conversationId?: string;
-  taskId?: string;
-  error?: ApiError;
-  /** A terminal event arrived (message_end, or workflow_finished on workflow-based apps). */
-  ended: boolean;
-  /** Reasoning text already emitted per agent thought id. */
-  thoughts: Map<string, string>;
-  thinkOpen: boolean;
-  workflowTokens?: number;
-  /** The `agent_message` text alone: content also holds file links and `<think>` blocks. */
-  agentText?: string;
-  /** The LLM node whose `reasoning_chunk`s came last: another node's reasoning starts a new paragraph. */
-  reasoningNode?: string;
-  /** The human-input forms Dify announced (`human_input_required`), for the paused workflow's answer. */
-  forms?: HumanForm[];
-  /** The workflow paused for human input: the answer ended there, cleanly (the request log says so). */
-  paused?: { nodes: string[]; run?: string };
-  /** The client's functions were offered: the answer's text is scanned for `<tool_call>` blocks. */
-  scan?: ToolCallScan;
-  /** The calls found, in order. */
-  calls?: ToolCall[];
-}
-
-export function newTranslation(type: AppType, stream: boolean, keep = !stream): Translation {
-  return {
-    type,
-    stream,
-    content: "",
-    reasoning: "",
-    keep,
-    bytes: 0,
-    ended: false,
-    thoughts: new Map(),
-    thinkOpen: false,
-  };
-}
-
-/** What a translation that does not keep its texts remembers of them: enough to see how one ends. */
-const TEXT_TAIL = 16;
-
-/** UTF-8 length of a text, without encoding it. */
-function utf8Length(text: string): number {
-  let n = text.length;
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    // Two bytes below U+0800, three above; a surrogate pair (two units) is four.
-    if (c >= 0x80) n += c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2;
-  }
-  return n;
-}
-
-/** `bytes`: what the text adds to the answer's size (text the tool scan held was counted as it came). */
-function addContent(t: Translation, text: string, bytes = utf8Length(text)): void {
-  t.content = t.keep ? t.content + text : (t.content + text).slice(-TEXT_TAIL);
-  t.bytes += bytes;
-  t.tap?.(text);
-}
-
+// TOOLS=emulate: the app's LLM asks for calls in `TOOL_BLOCK`'s format; `ToolCallScan` finds them in the answer.
 const CALL_OPEN = "<tool_call>";
 const CALL_CLOSE = "</tool_call>";
 
@@ -2651,6 +2560,98 @@ export class ToolCallScan {
       out.push(call);
     }
   }
+}
+
+/** Where translated deltas go: SSE chunks for a stream, nothing extra for an aggregate. */
+export interface Sink {
+  content(text: string): void;
+  reasoning(text: string): void;
+  ping(): void;
+  /** A complete call of one of the client's functions (TOOLS=emulate). */
+  toolCall?(call: ToolCall): void;
+}
+
+/** A form a paused workflow waits on: where it is and what it asks. */
+interface HumanForm {
+  node: string;
+  title: string;
+  content: string;
+  actions: string[];
+}
+
+/** Everything known about one answer while Dify streams it. */
+export interface Translation {
+  type: AppType;
+  stream: boolean;
+  /**
+   * Exactly the content the client has been sent (or will get, when aggregated) — or, when `keep`
+   * is false, only its last characters: a streamed answer is not held in memory.
+   */
+  content: string;
+  reasoning: string;
+  /** Whole texts are kept (an aggregate, a format that repeats them at the end, LOG_CONTENT). */
+  keep: boolean;
+  /** Also receives every piece of content (the streamed answer's fingerprint). */
+  tap?: (text: string) => void;
+  /** UTF-8 bytes of content and reasoning so far, against MAX_ANSWER_BYTES. */
+  bytes: number;
+  usage?: Usage;
+  conversationId?: string;
+  taskId?: string;
+  error?: ApiError;
+  /** A terminal event arrived (message_end, or workflow_finished on workflow-based apps). */
+  ended: boolean;
+  /** Reasoning text already emitted per agent thought id. */
+  thoughts: Map<string, string>;
+  thinkOpen: boolean;
+  workflowTokens?: number;
+  /** The `agent_message` text alone: content also holds file links and `<think>` blocks. */
+  agentText?: string;
+  /** The LLM node whose `reasoning_chunk`s came last: another node's reasoning starts a new paragraph. */
+  reasoningNode?: string;
+  /** The human-input forms Dify announced (`human_input_required`), for the paused workflow's answer. */
+  forms?: HumanForm[];
+  /** The workflow paused for human input: the answer ended there, cleanly (the request log says so). */
+  paused?: { nodes: string[]; run?: string };
+  /** The client's functions were offered: the answer's text is scanned for `<tool_call>` blocks. */
+  scan?: ToolCallScan;
+  /** The calls found, in order. */
+  calls?: ToolCall[];
+}
+
+export function newTranslation(type: AppType, stream: boolean, keep = !stream): Translation {
+  return {
+    type,
+    stream,
+    content: "",
+    reasoning: "",
+    keep,
+    bytes: 0,
+    ended: false,
+    thoughts: new Map(),
+    thinkOpen: false,
+  };
+}
+
+/** What a translation that does not keep its texts remembers of them: enough to see how one ends. */
+const TEXT_TAIL = 16;
+
+/** UTF-8 length of a text, without encoding it. */
+function utf8Length(text: string): number {
+  let n = text.length;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    // Two bytes below U+0800, three above; a surrogate pair (two units) is four.
+    if (c >= 0x80) n += c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2;
+  }
+  return n;
+}
+
+/** `bytes`: what the text adds to the answer's size (text the tool scan held was counted as it came). */
+function addContent(t: Translation, text: string, bytes = utf8Length(text)): void {
+  t.content = t.keep ? t.content + text : (t.content + text).slice(-TEXT_TAIL);
+  t.bytes += bytes;
+  t.tap?.(text);
 }
 
 /** What the tool scan released: content, and calls for the client. */
