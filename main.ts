@@ -5153,15 +5153,14 @@ function setAll(op: Deno.AtomicOperation, w: KvWrite): void {
   for (const [k, v] of w.also) op.set(k, v, options);
 }
 
-export class DenoKvStore implements Store {
-  #writes = new WriteGroup((waiting) => this.#commit(this.#nextBatch(waiting)));
-
-  constructor(private kv: Deno.Kv) {}
-  async get<T>(key: StoreKey): Promise<T | null> {
-    return (await retrying(() => this.kv.get<T>(key))).value;
-  }
+/** A store whose writes go through one WriteGroup: Deno KV's and SQLite's differ only in reads and commits. */
+abstract class GroupedStore implements Store {
+  protected abstract readonly writes: WriteGroup;
+  abstract get<T>(key: StoreKey): Promise<T | null>;
+  abstract delete(key: StoreKey): Promise<void>;
+  abstract close(): void;
   set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#writes.set(key, value, ttlMs);
+    return this.writes.set(key, value, ttlMs);
   }
   setIf(
     key: StoreKey,
@@ -5171,7 +5170,18 @@ export class DenoKvStore implements Store {
     also: [StoreKey, unknown][] = [],
     soon = false,
   ): Promise<boolean> {
-    return this.#writes.setIf(key, expected, value, ttlMs, also, soon);
+    return this.writes.setIf(key, expected, value, ttlMs, also, soon);
+  }
+}
+
+export class DenoKvStore extends GroupedStore {
+  protected readonly writes = new WriteGroup((waiting) => this.#commit(this.#nextBatch(waiting)));
+
+  constructor(private kv: Deno.Kv) {
+    super();
+  }
+  async get<T>(key: StoreKey): Promise<T | null> {
+    return (await retrying(() => this.kv.get<T>(key))).value;
   }
   async delete(key: StoreKey): Promise<void> {
     await retrying(() => this.kv.delete(key));
@@ -5244,9 +5254,11 @@ export class DenoKvStore implements Store {
 }
 
 /** SQLite through bun:sqlite, in WAL mode so several Bun processes can share one file. */
-export class SqliteStore implements Store {
+export class SqliteStore extends GroupedStore {
   // deno-lint-ignore no-explicit-any
-  private constructor(private db: any, private sweeper: ReturnType<typeof setInterval>) {}
+  private constructor(private db: any, private sweeper: ReturnType<typeof setInterval>) {
+    super();
+  }
 
   static async open(path: string): Promise<SqliteStore> {
     const specifier = "bun:sqlite"; // a variable, so Deno never tries to resolve it
@@ -5280,21 +5292,8 @@ export class SqliteStore implements Store {
   get<T>(key: StoreKey): Promise<T | null> {
     return retrying(() => this.read(JSON.stringify(key)) as T | null);
   }
-  set(key: StoreKey, value: unknown, ttlMs: number): Promise<void> {
-    return this.#writes.set(key, value, ttlMs);
-  }
-  setIf(
-    key: StoreKey,
-    expected: unknown,
-    value: unknown,
-    ttlMs: number,
-    also: [StoreKey, unknown][] = [],
-    soon = false,
-  ) {
-    return this.#writes.setIf(key, expected, value, ttlMs, also, soon);
-  }
 
-  #writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
+  protected readonly writes = new WriteGroup((waiting) => this.#commit(waiting.splice(0)));
 
   async #commit(batch: KvWrite[]): Promise<void> {
     try {
