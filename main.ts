@@ -1440,8 +1440,8 @@ export class AnswerPrint {
   /** A whitespace run waits: it becomes one space only if text follows (trimmed at the end). */
   #space = false;
   #started = false;
-  /** Normalised text not hashed yet: one hash update per answer (or per 64 Ki characters), not one per delta. */
-  #pending = "";
+  /** Deltas not scanned yet: scanned and hashed together, once per answer (or per 64 Ki characters), not per delta. */
+  #raw = "";
 
   constructor(system: string, messages: { role: string; text: string }[], role = "assistant") {
     const parts = [fingerprintText(system)];
@@ -1451,7 +1451,13 @@ export class AnswerPrint {
   }
 
   push(text: string): void {
-    let rest = this.#held + text;
+    this.#raw += text;
+    if (this.#raw.length > 65_536) this.#scanRaw();
+  }
+
+  #scanRaw(): void {
+    let rest = this.#held + this.#raw;
+    this.#raw = "";
     this.#held = "";
     while (rest) {
       if (this.#inThink) {
@@ -1478,10 +1484,9 @@ export class AnswerPrint {
   }
 
   digest(): string {
+    this.#scanRaw();
     this.#plain(this.#held);
     this.#held = "";
-    if (this.#pending) this.#hash.update(this.#pending);
-    this.#pending = "";
     return this.#hash.digest("base64").slice(0, 32);
   }
 
@@ -1500,11 +1505,7 @@ export class AnswerPrint {
     if (!spaced) return;
     const trailing = spaced.endsWith(" ");
     if (trailing) spaced = spaced.slice(0, -1);
-    this.#pending += this.#space ? " " + spaced : spaced;
-    if (this.#pending.length > 65_536) {
-      this.#hash.update(this.#pending);
-      this.#pending = "";
-    }
+    this.#hash.update(this.#space ? " " + spaced : spaced);
     this.#space = trailing;
     this.#started = true;
   }
@@ -5555,9 +5556,12 @@ function currentRuntime(): Runtime {
 
 // ─── main ───────────────────────────────────────────────────────────────────────────────────────
 
+/** How long a log line may wait for others: a busy server writes its lines in a few large writes, not one per request. */
+const LOG_BATCH_MS = 50;
+
 /**
- * Log lines written together once the current task is done: a request's line goes out after
- * its answer's last bytes rather than before them, and a busy server makes one write per batch.
+ * Log lines written together, `LOG_BATCH_MS` after the first of a batch: a request's line goes out
+ * after its answer's last bytes rather than before them, and a busy server makes one write per batch.
  */
 export class LineBatch {
   #lines: string[] = [];
@@ -5565,7 +5569,7 @@ export class LineBatch {
   constructor(private write: (text: string) => void) {}
 
   add(line: string): void {
-    if (this.#lines.push(line) === 1) setTimeout(() => this.flush(), 0);
+    if (this.#lines.push(line) === 1) setTimeout(() => this.flush(), LOG_BATCH_MS);
   }
 
   flush(): void {
