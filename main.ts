@@ -1263,8 +1263,10 @@ export function buildTurn(messages: Message[], envelope: Config["envelope"], too
     if (env.senderId) senderId = env.senderId;
     channel ??= env.channel;
     const cleaned: Message = { role: m.role, text: env.text, files: m.files };
-    if (i < lastAssistant) return void history.push(cleaned);
-    if (i === lastAssistant) return void history.push(cleaned);
+    // OpenClaw's internal context is never part of the chat: its Responses tool turns resend it before
+    // their calls, and the turn the bridge recorded had none.
+    if (internal && i <= lastAssistant) return;
+    if (i <= lastAssistant) return void history.push(cleaned);
     if (!internal) current.push(cleaned);
     files.push(...m.files);
     if (envelope === "keep") query.push(m.role === "tool" ? result(m, m.text) : m.text);

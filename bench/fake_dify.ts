@@ -22,6 +22,8 @@
  *                             (`firehoseBytes()` counts what it took): shows backpressure
  *   tools:<script>[:<n>]      (chat family; anywhere in the conversation) an LLM asked for `<tool_call>`s: see
  *                             `toolsAnswer` at the end of this file; streamed 3 characters per message event
+ *   tool:<name>:<args>        (chat family) one call of the client's tool <name> with <args> (base64url of a JSON
+ *                             object), then `Tool said: <result>` once a `<tool_response>` came back: `toolAnswer`
  * Generated answers: chat family `Turn <n> of <conv id[0:8]>: <query[0:200]>`, completion `Completion: <text>`,
  * workflow `Workflow: <inputs.query or first string input>`.
  *
@@ -1546,7 +1548,7 @@ async function handleGenerate(state: State, inc: Incoming, endpoint: Endpoint): 
   } else if (endpoint === "completion") {
     answer = `Completion: ${truncateChars(sourceText, 200)}`;
   } else answer = `Workflow: ${sourceText}`;
-  const scripted = endpoint === "chat" && conv ? toolsAnswer(conv, inputs) : undefined;
+  const scripted = endpoint === "chat" && conv ? toolsAnswer(conv, inputs) ?? toolAnswer(conv) : undefined;
   if (scripted !== undefined) answer = scripted;
   let chunks = scripted === undefined ? splitWords(answer) : answer.match(/[\s\S]{1,3}/g) ?? [];
   let trailingEmpty = mode === "chat" || mode === "completion" ||
@@ -2182,4 +2184,48 @@ function toolsAnswer(conv: FakeConversation, inputs: Json): string | undefined {
     default:
       return `unknown tools script ${found[1]}`;
   }
+}
+
+const TOOL_DIRECTIVE = /\btool:([A-Za-z0-9_.-]+):([A-Za-z0-9_-]+)/;
+
+/**
+ * The answer of a conversation that carries `tool:<name>:<base64url JSON args>` in any of its queries, or undefined:
+ * a real client's real tool (OpenClaw's `read`, Codex's `shell`) with the arguments it takes. Until a
+ * `<tool_response>` came back, one call of that tool; to a query with results, `Tool said: <the last result's
+ * content, first 200 chars>`; later turns get the generated answer.
+ */
+function toolAnswer(conv: FakeConversation): string | undefined {
+  const queries = conv.turns.map((t) => t.query);
+  const found = queries.map((q) => TOOL_DIRECTIVE.exec(q)).find(Boolean);
+  if (!found) return undefined;
+  const resultsIn = (q: string) => [...q.matchAll(/<tool_response>(\{[\s\S]*?)<\/tool_response>/g)].map((m) => m[1]);
+  const last = resultsIn(queries.at(-1) ?? "").at(-1);
+  if (last === undefined) {
+    if (queries.some((q) => resultsIn(q).length > 0)) return undefined;
+    let args: unknown;
+    try {
+      args = JSON.parse(new TextDecoder().decode(base64UrlBytes(found[2])));
+    } catch {
+      return `tool directive: arguments are not base64url JSON: ${found[2]}`;
+    }
+    return `<tool_call>\n${pyJsonDumps({ name: found[1], arguments: args })}\n</tool_call>`;
+  }
+  let content = last;
+  try {
+    const parsed = JSON.parse(last).content;
+    content = typeof parsed === "string" ? parsed : JSON.stringify(parsed);
+  } catch { /* not JSON: as it came */ }
+  return `Tool said: ${content.slice(0, 200)}`;
+}
+
+/** base64url (with or without padding) → bytes. */
+function base64UrlBytes(text: string): Uint8Array {
+  const b64 = text.replaceAll("-", "+").replaceAll("_", "/");
+  return Uint8Array.from(atob(b64 + "=".repeat((4 - b64.length % 4) % 4)), (c) => c.charCodeAt(0));
+}
+
+/** The `tool:` directive that makes the fake LLM call `name` with `args` (for tests and real-client runs). */
+export function toolDirective(name: string, args: Record<string, unknown>): string {
+  const b64 = btoa(String.fromCharCode(...new TextEncoder().encode(JSON.stringify(args))));
+  return `tool:${name}:${b64.replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "")}`;
 }

@@ -36,7 +36,7 @@ import {
   test,
   user,
 } from "../bench/test_util.ts";
-import { startFakeDify } from "../bench/fake_dify.ts";
+import { startFakeDify, toolDirective } from "../bench/fake_dify.ts";
 
 const WEATHER = {
   type: "function" as const,
@@ -624,5 +624,69 @@ test("tools http: tool_choice none offers no tools, yet a result still goes back
     assert.match(none.choices[0].message.content ?? "", /^<tool_call>/, "the app's call is only text now");
     assert.equal(queries(rig)[1], toolResponse("get_weather", "ok"));
     assert.equal(rig.fake.requests.filter((q) => q.path === "/chat-messages")[1].body.inputs.tools, undefined);
+  });
+});
+
+test("tools http: the fake's tool:<name>:<args> directive calls a client's own tool, then says its result", async () => {
+  await withTools({ SYSTEM_PROMPT: "drop" }, async (rig) => {
+    // OpenClaw's real request, its 12 tools in the block: the directive picks `read` and its `path` argument.
+    const body = await openclawRequest("cli-turn1");
+    const messages = body.messages as Record<string, unknown>[];
+    const ask = `read it ${toolDirective("read", { path: "/tmp/notes – ü.txt" })}`;
+    messages[1] = { ...messages[1], content: String(messages[1].content).replace("hi there", ask) };
+    const first = await rig.client.chat.completions.create({ ...body, stream: false } as never);
+    const said = first.choices[0].message as unknown as Said;
+    assert.equal(first.choices[0].finish_reason, "tool_calls");
+    assert.equal(said.tool_calls?.length, 1);
+    assert.equal(said.tool_calls![0].function.name, "read");
+    assert.deepEqual(JSON.parse(said.tool_calls![0].function.arguments), { path: "/tmp/notes – ü.txt" });
+    const internal = messages.pop()!;
+    const content = `line one\n${"x".repeat(300)}`;
+    messages.push(said as never, { role: "tool", tool_call_id: said.tool_calls![0].id, content }, internal);
+    const next = await rig.client.chat.completions.stream({ ...body, messages, stream: true } as never)
+      .finalChatCompletion();
+    assert.equal(next.choices[0].finish_reason, "stop");
+    assert.equal(next.choices[0].message.content, `Tool said: ${content.slice(0, 200)}`);
+    assert.equal(queries(rig)[1], toolResponse("read", content), "only the result, in the same conversation");
+    // A later turn without a result is answered as any other.
+    const after = [...messages.slice(0, -1), next.choices[0].message, user("thanks"), internal];
+    const third = await rig.client.chat.completions.create({ ...body, messages: after, stream: false } as never);
+    assert.match(third.choices[0].message.content ?? "", /^Turn 3 of [0-9a-f]{8}: thanks$/);
+    assert.equal(rig.fake.conversations.size, 1);
+  });
+});
+
+test("tools http: OpenClaw on the Responses API, its internal context before the calls, stays in one conversation", async () => {
+  await withTools({ SYSTEM_PROMPT: "drop" }, async (rig) => {
+    // As OpenClaw 2026.9.6 (api: "openai-responses") sent them in a real run: the internal-context message stays
+    // where it was, before the function_call items, while the next turn drops it.
+    const wire = new URL("../testdata/responses-wire/openclaw-turn1.json", import.meta.url);
+    const body = JSON.parse(await Deno.readTextFile(wire)).body;
+    const [system, first, internal] = body.input as { content: { text: string }[] }[];
+    const ask = {
+      ...first,
+      content: [{
+        type: "input_text",
+        text: `[Sat 2026-12-05 16:11 UTC] read it ${toolDirective("read", { path: "notes.txt" })}`,
+      }],
+    };
+    const send = async (input: unknown[]) =>
+      await rig.client.responses.create({ ...body, input, stream: false } as never);
+    const one = await send([system, ask, internal]);
+    const call = one.output.find((o) => o.type === "function_call")!;
+    assert.equal(call.name, "read");
+    const calls = [
+      { type: "function_call", call_id: call.call_id, name: "read", arguments: call.arguments },
+      { type: "function_call_output", call_id: call.call_id, output: "notes: buy milk" },
+    ];
+    const two = await send([system, ask, internal, ...calls]);
+    assert.equal(two.output_text, "Tool said: notes: buy milk");
+    const said = { type: "message", role: "assistant", content: [{ type: "output_text", text: two.output_text }] };
+    const thanks = { ...first, content: [{ type: "input_text", text: "[Sat 2026-12-05 16:12 UTC] thanks" }] };
+    const three = await send([system, ask, ...calls, said, thanks, internal]);
+    assert.match(three.output_text, /^Turn 3 of [0-9a-f]{8}: thanks$/);
+    assert.deepEqual(queries(rig).slice(1), [toolResponse("read", "notes: buy milk"), "thanks"]);
+    assert.equal(rig.fake.conversations.size, 1, "one Dify conversation");
+    assert.deepEqual(rig.bridge.logs.map((l) => JSON.parse(l).conversation_via), ["new", "history", "history"]);
   });
 });
