@@ -3319,6 +3319,8 @@ interface OutputItem {
   call?: ToolCall;
   /** `"item_id":…,"output_index":…,` — the start of every event about this item. */
   at: string;
+  /** What a delta frame of this item has between its sequence number and its text. */
+  deltaAt?: string;
   /** The complete item's JSON, once its `output_item.done` is written: `response.completed` repeats it. */
   done?: string;
 }
@@ -3369,8 +3371,11 @@ function defaultEcho(): ResponseEcho {
   }).echo;
 }
 
-/** The echoed settings that differ from the defaults, as JSON (undefined: none). */
-function echoChanges(echo: ResponseEcho): string | undefined {
+let defaultSettingsJson: string | undefined;
+
+/** The echoed settings that differ from the defaults, as JSON (undefined: none); `json`: the settings' own JSON. */
+function echoChanges(echo: ResponseEcho, json: string): string | undefined {
+  if (json === (defaultSettingsJson ??= JSON.stringify(defaultEcho()))) return undefined;
   const defaults = defaultEcho() as unknown as Record<string, unknown>;
   let changed: Record<string, unknown> | undefined;
   for (const [key, value] of Object.entries(echo)) {
@@ -3380,6 +3385,14 @@ function echoChanges(echo: ResponseEcho): string | undefined {
   }
   return changed && JSON.stringify(changed);
 }
+
+/** The start of a delta frame, up to its sequence number, and its end after the text, by the kind of its item. */
+const DELTA_HEADS = {
+  message: `event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":`,
+  reasoning:
+    `event: response.reasoning_summary_text.delta\ndata: {"type":"response.reasoning_summary_text.delta","sequence_number":`,
+};
+const DELTA_TAILS = { message: `,"logprobs":[]}\n\n`, reasoning: "}\n\n" };
 
 /**
  * The Responses API (`POST /v1/responses`): `event:` + `data:` frames in the documented order, each
@@ -3397,6 +3410,10 @@ export class ResponsesFormat implements AnswerFormat {
   private outputJson?: string;
   /** `completed_at`, once the response is complete. */
   private completedAt?: number;
+  /** The echoed settings' JSON, serialised once per response. */
+  private settingsJson?: string;
+  /** The response object's JSON from `"incomplete_details"` to its `"output":[`. */
+  private middle?: string;
 
   constructor(
     private id: string,
@@ -3408,15 +3425,15 @@ export class ResponsesFormat implements AnswerFormat {
   ) {}
 
   open(): string {
-    const response = JSON.stringify(this.response("in_progress", []));
+    const response = this.responseJson("in_progress", "");
     return this.frame("response.created", `"response":${response}`) +
       this.frame("response.in_progress", `"response":${response}`);
   }
   content(text: string): string {
-    return this.delta("message", "response.output_text.delta", `"content_index":0`, text) + `,"logprobs":[]}\n\n`;
+    return this.delta("message", text);
   }
   reasoning(text: string): string {
-    return this.delta("reasoning", "response.reasoning_summary_text.delta", `"summary_index":0`, text) + "}\n\n";
+    return this.delta("reasoning", text);
   }
   /** A `function_call` item, whole: added, its arguments (one delta), done. */
   toolCall(call: ToolCall): string {
@@ -3444,7 +3461,8 @@ export class ResponsesFormat implements AnswerFormat {
     let frames = this.end();
     if (!this.items.some((i) => i.kind !== "reasoning")) frames += this.start("message") + this.end();
     this.outputJson = this.items.map((i) => i.done ?? JSON.stringify(this.item(i, "completed"))).join(",");
-    return frames + this.frame("response.completed", `"response":${this.responseJson(this.outputJson, t.usage)}`);
+    return frames +
+      this.frame("response.completed", `"response":${this.responseJson("completed", this.outputJson, t.usage)}`);
   }
   error(e: ApiError): string {
     const output = this.items.map((i) => this.item(i, i === this.current ? "incomplete" : "completed"));
@@ -3459,7 +3477,7 @@ export class ResponsesFormat implements AnswerFormat {
   kept(t: Translation): KeptResponse {
     this.outputJson ??= JSON.stringify(this.object(t).output).slice(1, -1);
     const kept: KeptResponse = { a: this.created, z: this.completedAt!, m: this.model, o: this.outputJson };
-    const changes = echoChanges(this.echo);
+    const changes = echoChanges(this.echo, this.settingsJson ??= JSON.stringify(this.echo));
     if (changes) kept.e = changes;
     if (t.usage) kept.n = t.usage;
     return kept;
@@ -3469,7 +3487,7 @@ export class ResponsesFormat implements AnswerFormat {
     const echo = k.e ? { ...defaultEcho(), ...JSON.parse(k.e) } : defaultEcho();
     const format = new ResponsesFormat(id, k.a, k.m, echo, false);
     format.completedAt = k.z;
-    return format.responseJson(k.o, k.n);
+    return format.responseJson("completed", k.o, k.n);
   }
   object(t: Translation) {
     // Built once: the stored copy and the client's body are the same object.
@@ -3519,34 +3537,39 @@ export class ResponsesFormat implements AnswerFormat {
     };
   }
 
-  /** The complete `response` as JSON around output items already in JSON: their text is not serialised again. */
-  private responseJson(output: string, usage?: Usage): string {
-    const json = JSON.stringify(this.response("completed", [], usage));
-    // Only the bridge's own fields follow `output` (the client's echoed settings come before it).
-    const at = json.lastIndexOf(`"output":[]`) + `"output":[`.length;
-    return json.slice(0, at) + output + json.slice(at);
+  /**
+   * `response`'s JSON (the same fields in the same order) around output items already in JSON: their
+   * text is not serialised again, and the echoed settings only once per response.
+   */
+  private responseJson(status: "in_progress" | "completed", output: string, usage?: Usage): string {
+    const completedAt = status === "completed" ? (this.completedAt ??= Math.floor(Date.now() / 1000)) : null;
+    this.middle ??= `"incomplete_details":null,${(this.settingsJson ??= JSON.stringify(this.echo)).slice(1, -1)},` +
+      `"max_tool_calls":null,"model":${JSON.stringify(this.model)},"output":[`;
+    const usageJson = status === "in_progress" ? "null" : JSON.stringify(responseUsage(usage));
+    return `{"id":${JSON.stringify(this.id)},"object":"response","created_at":${this.created},"status":"${status}",` +
+      `"background":false,"completed_at":${completedAt},"error":null,${this.middle}${output}],` +
+      `"service_tier":"default","top_logprobs":0,"usage":${usageJson}}`;
   }
 
   private frame(type: string, fields: string): string {
     return `event: ${type}\ndata: {"type":"${type}","sequence_number":${this.sequence++},${fields}}\n\n`;
   }
 
-  /** A delta frame without its closing brace: opens the item first if another kind is open. */
-  private delta(kind: OutputItem["kind"], type: string, part: string, text: string): string {
+  /** A delta frame: opens the item first if another kind is open. */
+  private delta(kind: "message" | "reasoning", text: string): string {
     const opening = this.current?.kind === kind ? "" : this.end() + this.start(kind);
     const item = this.current!;
     item.text += text;
-    return opening +
-      `event: ${type}\ndata: {"type":"${type}","sequence_number":${this.sequence++},${item.at}${part},"delta":${
-        JSON.stringify(text)
-      }`;
+    return opening + DELTA_HEADS[kind] + this.sequence++ + item.deltaAt + JSON.stringify(text) + DELTA_TAILS[kind];
   }
 
   /** `output_item.added` and the item's first (empty) part. */
   private start(kind: OutputItem["kind"]): string {
     const index = this.items.length;
     const id = `${kind === "message" ? "msg" : "rs"}_${this.id.slice(this.id.indexOf("_") + 1)}_${index}`;
-    const item: OutputItem = { kind, id, index, text: "", at: `"item_id":"${id}","output_index":${index},` };
+    const at = `"item_id":"${id}","output_index":${index},`;
+    const deltaAt = `,${at}"${kind === "message" ? "content" : "summary"}_index":0,"delta":`;
+    const item: OutputItem = { kind, id, index, text: "", at, deltaAt };
     this.items.push(item);
     this.current = item;
     const added = this.frame(
@@ -3572,19 +3595,20 @@ export class ResponsesFormat implements AnswerFormat {
     const item = this.current;
     if (!item) return "";
     this.current = undefined;
+    // The text is escaped once: the part, the item and `response.completed` carry the same JSON.
     const text = JSON.stringify(item.text);
-    const frames = item.kind === "message"
-      ? this.frame("response.output_text.done", `${item.at}"content_index":0,"text":${text},"logprobs":[]`) +
-        this.frame(
-          "response.content_part.done",
-          `${item.at}"content_index":0,"part":${JSON.stringify(outputText(item.text))}`,
-        )
-      : this.frame("response.reasoning_summary_text.done", `${item.at}"summary_index":0,"text":${text}`) +
-        this.frame(
-          "response.reasoning_summary_part.done",
-          `${item.at}"summary_index":0,"part":${JSON.stringify(summaryText(item.text))}`,
-        );
-    item.done = JSON.stringify(this.item(item, "completed"));
+    let frames: string;
+    if (item.kind === "message") {
+      const part = `{"type":"output_text","annotations":[],"logprobs":[],"text":${text}}`;
+      frames = this.frame("response.output_text.done", `${item.at}"content_index":0,"text":${text},"logprobs":[]`) +
+        this.frame("response.content_part.done", `${item.at}"content_index":0,"part":${part}`);
+      item.done = `{"id":"${item.id}","type":"message","status":"completed","content":[${part}],"role":"assistant"}`;
+    } else {
+      const part = `{"type":"summary_text","text":${text}}`;
+      frames = this.frame("response.reasoning_summary_text.done", `${item.at}"summary_index":0,"text":${text}`) +
+        this.frame("response.reasoning_summary_part.done", `${item.at}"summary_index":0,"part":${part}`);
+      item.done = `{"id":"${item.id}","type":"reasoning","summary":[${part}]}`;
+    }
     return frames + this.frame("response.output_item.done", `"output_index":${item.index},"item":${item.done}`);
   }
 

@@ -181,6 +181,15 @@ export const ROWS: Row[] = [
     env: proxyEnv("history"),
   },
   {
+    key: "responses-nostore-before",
+    label: "main.ts before (--before) on Deno, POST /v1/responses, store: false",
+    kind: "responses",
+    body: JSON.stringify({ model: "dify", stream: true, store: false, input: "hi" }),
+    before: true,
+    cmd: (o) => [DENO, "run", "-A", "--unstable-kv", o.before!],
+    env: proxyEnv("history"),
+  },
+  {
     key: "main-off-before",
     label: "main.ts before (--before) on Deno, CONVERSATION_MODE=off",
     kind: "openai",
@@ -285,6 +294,7 @@ const PAIRS: [string, string][] = [
   ["responses", "main"],
   ["responses-nostore", "main"],
   ["responses-before", "main-before"],
+  ["responses-nostore-before", "main-before"],
 ];
 
 interface Run {
